@@ -1,0 +1,176 @@
+r"""Per-core clipping across processes: each process owns some cores, one all_reduce.
+
+A process owns ``K`` virtual cores per micro-batch (``K = 1`` is plain DDP with one core
+per process); with gradient accumulation the cores of every micro-batch of the step are
+cores too, so a step has :math:`C = W \cdot K \cdot A` cores for ``W`` processes and
+``A`` accumulation steps.
+
+:class:`CoreAccumulator` adds each local core's gradient into ONE flat buffer as soon
+as it is computed, already multiplied by its clip factor, so no per-core copy is kept:
+
+* ``none``/``global``: factor 1;
+* ``pcc``: :math:`\min(1, b/\lVert\bar g_c\rVert)`;
+* ``apcc``: :math:`1/\lVert\bar g_c\rVert` now and :math:`b_t` later, since
+  :math:`\sum_c \bar g_c\, b_t / \lVert\bar g_c\rVert = b_t \sum_c \bar g_c/\lVert\bar g_c\rVert`.
+
+:meth:`CoreAccumulator.reduce` then runs one SUM all_reduce of
+``[flat gradient | has-gradient flags | number of cores kept]`` and, for APCC only, one
+scalar MIN all_reduce of the local smallest norm. Everything after that is local and
+identical on every process. Non-finite cores are never added (dropped), and the mean
+is over the cores kept. The result equals :func:`privasr.clipping.clip_and_aggregate`
+on the same cores (tested to 1e-5 in fp32).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from privasr.clipping import AggregationStats, check_method, clip_factors, global_clip_factor
+
+
+def world_info() -> tuple[int, int]:
+    """``(rank, world_size)``, ``(0, 1)`` when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every process start from ``src``'s parameters and buffers (what DDP does at wrap time)."""
+    if world_info()[1] == 1:
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=src)
+
+
+class CoreAccumulator:
+    """Clip-and-accumulate the cores of this process, then reduce across processes.
+
+    Args:
+        params: the trainable parameters, in a fixed order shared by all processes.
+        method: ``none``, ``global``, ``pcc`` or ``apcc``.
+        bound: ``b`` for pcc, the max norm for global.
+        reduction: ``mean`` or ``sum``.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], method: str, bound: Optional[float] = None,
+                 reduction: str = "mean"):
+        check_method(method, bound, reduction)
+        self.params = list(params)
+        self.method, self.bound, self.reduction = method, bound, reduction
+        self.numels = [p.numel() for p in self.params]
+        self.total_numel = sum(self.numels)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        # Layout: [flat gradient | one has-grad flag per parameter | cores kept].
+        self.buffer = torch.zeros(self.total_numel + len(self.params) + 1, dtype=torch.float32, device=device)
+        self.norms: list[torch.Tensor] = []
+        self.local_min_norm = math.inf
+
+    @property
+    def flat(self) -> torch.Tensor:
+        return self.buffer[: self.total_numel]
+
+    @property
+    def has_grad(self) -> torch.Tensor:
+        return self.buffer[self.total_numel: self.total_numel + len(self.params)]
+
+    def _local_factors(self, norms: torch.Tensor) -> torch.Tensor:
+        if self.method == "apcc":  # b_t is only known after the MIN all_reduce
+            positive = torch.isfinite(norms) & (norms > 0)
+            safe = torch.where(positive, norms, torch.ones_like(norms))
+            if positive.any():
+                self.local_min_norm = min(self.local_min_norm, float(norms[positive].min()))
+            return torch.where(positive, 1.0 / safe, torch.zeros_like(norms))
+        return clip_factors(norms, self.method, self.bound)[0]
+
+    def add_cores(self, stacked_grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        """Add ``K`` cores at once; ``stacked_grads[p]`` has shape ``[K, *param.shape]`` or is None.
+
+        Returns the ``K`` per-core norms (float64).
+        """
+        present = [g for g in stacked_grads if g is not None]
+        if not present:
+            raise ValueError("add_cores got no gradient for any parameter")
+        num_cores = present[0].shape[0]
+        squares = [g.detach().to(torch.float64).reshape(num_cores, -1).pow(2).sum(1) for g in present]
+        norms = torch.stack(squares).sum(0).sqrt()
+        finite = torch.isfinite(norms)
+        factors = self._local_factors(norms).to(torch.float32)
+        offset = 0
+        for index, (g, numel) in enumerate(zip(stacked_grads, self.numels)):
+            if g is not None:
+                g = g.detach().reshape(num_cores, numel).to(torch.float32)
+                # torch.where, not a product: 0 * NaN would poison the sum.
+                g = torch.where(finite.to(g.device).unsqueeze(1), g, torch.zeros_like(g))
+                self.flat[offset: offset + numel] += factors.to(g.device) @ g
+                self.has_grad[index] = 1.0
+            offset += numel
+        self.buffer[-1] += float(finite.sum())
+        self.norms.append(norms.cpu())
+        return norms
+
+    def add_core(self, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        """Add one core's gradient (one entry per parameter, or None); returns its norm."""
+        return self.add_cores([None if g is None else g.unsqueeze(0) for g in grads])[0]
+
+    def reduce(self, group=None) -> tuple[list[Optional[torch.Tensor]], AggregationStats]:
+        """All-reduce across processes and return the final per-parameter gradient.
+
+        Must be called on every process of ``group``, once per optimizer step.
+        """
+        _, world_size = world_info()
+        if world_size > 1:
+            dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=group)
+        bound_in_force = self.bound if self.method in ("pcc", "global") else None
+        if self.method == "apcc":
+            b_t = torch.tensor([self.local_min_norm], dtype=torch.float64, device=self.buffer.device)
+            if world_size > 1:
+                dist.all_reduce(b_t, op=dist.ReduceOp.MIN, group=group)
+            bound_in_force = float(b_t) if math.isfinite(float(b_t)) else None
+            self.flat.mul_(bound_in_force or 0.0)
+        kept = float(self.buffer[-1])
+        if self.reduction == "mean" and kept > 0:
+            self.flat.div_(kept)
+        global_factor = 1.0
+        if self.method == "global" and kept > 0:
+            global_factor = global_clip_factor(float(self.flat.to(torch.float64).norm()), float(self.bound))
+            self.flat.mul_(global_factor)
+        grads = self._unflatten()
+        local_norms = torch.cat(self.norms) if self.norms else torch.zeros(0, dtype=torch.float64)
+        factors = self._final_factors(local_norms, bound_in_force)
+        dropped = [int(i) for i in torch.nonzero(~torch.isfinite(local_norms)).flatten()]
+        stats = AggregationStats(local_norms, factors, bound_in_force, dropped, skipped=kept == 0,
+                                 global_factor=global_factor)
+        return grads, stats
+
+    def _final_factors(self, norms: torch.Tensor, bound_in_force: Optional[float]) -> torch.Tensor:
+        if self.method == "apcc":
+            if bound_in_force is None:
+                return torch.zeros_like(norms)
+            positive = torch.isfinite(norms) & (norms > 0)
+            return torch.where(positive, bound_in_force / torch.where(positive, norms, 1.0), 0.0)
+        return clip_factors(norms, self.method, self.bound)[0]
+
+    def _unflatten(self) -> list[Optional[torch.Tensor]]:
+        grads, offset = [], 0
+        for index, (param, numel) in enumerate(zip(self.params, self.numels)):
+            if self.has_grad[index] > 0:
+                grads.append(self.flat[offset: offset + numel].view_as(param).to(param.dtype).clone())
+            else:
+                grads.append(None)
+            offset += numel
+        return grads
+
+
+def gather_norms(local_norms: torch.Tensor, group=None) -> torch.Tensor:
+    """All per-core norms of the step from every process (for logging only, not in the hot path)."""
+    _, world_size = world_info()
+    if world_size == 1:
+        return local_norms
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, local_norms.cpu(), group=group)
+    return torch.cat(gathered)
