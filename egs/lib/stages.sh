@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The one stage library behind every egs/<corpus>/run.sh (ESPnet-style stages, shared, not copied).
+#
+# A corpus's run.sh sets its defaults, defines corpus_prepare (stage 0) and
+# corpus_manifests (stage 1), sources this file and calls `run_stages "$@"`.
+# Every side effect sits inside a stage guard; each stage skips work already done.
+set -euo pipefail
+
+PRIVASR_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export PATH="$PRIVASR_ROOT/.venv/bin:$PATH"
+export PYTHONUNBUFFERED=1
+python=python3
+[ -x "$PRIVASR_ROOT/.venv/bin/python" ] && python="$PRIVASR_ROOT/.venv/bin/python"
+
+# Options every corpus knows (a corpus may add its own to extra_options before sourcing).
+stage=0
+stop_stage=6
+nj=2                              # parallel jobs for synthesis / preparation
+nproc=1                           # DDP processes per training run (torchrun)
+virtual_cores=                    # cores each process emulates (empty: the YAML's value)
+methods="baseline pcc apcc"       # any of: baseline global pcc apcc pec
+seeds="1"
+clip_bound=                       # empty: the YAML's value
+exp=exp                           # results go here
+data=data
+train_args=""                     # extra overrides for train.py, e.g. "--number_of_epochs=2"
+known_options="stage stop_stage nj nproc virtual_cores methods seeds clip_bound exp data train_args ${extra_options:-}"
+
+log() { echo "$(date '+%Y-%m-%d %H:%M:%S') [$(basename "$0")] $*"; }
+die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
+
+parse_options() {
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --help|-h) echo "usage: $0 [--OPTION VALUE ...]; options: ${known_options// / --}" | sed 's/options: /options: --/'; exit 0 ;;
+      --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+      --*)
+        local name=${1#--}; name=${name//-/_}
+        [[ " $known_options " == *" $name "* ]] || die "unknown option --${1#--}; known options: --${known_options// / --}"
+        [ $# -ge 2 ] || die "option $1 needs a value"
+        printf -v "$name" '%s' "$2"; shift 2 ;;
+      *) die "unexpected argument '$1'; options look like --stage 3" ;;
+    esac
+  done
+}
+
+# stage N DESCRIPTION: true when N is within [stage, stop_stage]; prints a timestamped line.
+in_stage() {
+  local n=$1; shift
+  if [ "$stage" -le "$n" ] && [ "$stop_stage" -ge "$n" ]; then
+    log "stage $n: $*"
+    return 0
+  fi
+  return 1
+}
+
+clipping_of() {  # run-name -> the recipe's --clipping value
+  case "$1" in
+    baseline) echo none ;;
+    global|pcc|apcc|pec) echo "$1" ;;
+    *) die "unknown method '$1' in --methods; known: baseline global pcc apcc pec" ;;
+  esac
+}
+
+run_dir() { echo "$exp/$1/seed$2"; }
+
+train_command() {  # train_command METHOD SEED EXTRA... : the launch line of one run
+  local method=$1 seed=$2; shift 2
+  local launcher=("$python")
+  [ "$nproc" -gt 1 ] && launcher=("$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc")
+  local args=("$PRIVASR_ROOT/$recipe/train.py" "$PRIVASR_ROOT/$recipe/$hparams"
+              --output_folder "$(run_dir "$method" "$seed")" --seed "$seed" --clipping "$(clipping_of "$method")"
+              --data_folder "$data" --tokenizer_dir "$data/tokenizer")
+  [ -n "$virtual_cores" ] && args+=(--virtual_cores "$virtual_cores")
+  [ -n "$clip_bound" ] && args+=(--clip_bound "$clip_bound")
+  # shellcheck disable=SC2206
+  local extra=($train_args)
+  "${launcher[@]}" "${args[@]}" "${extra[@]}" "$@"
+}
+
+stage_canaries() {
+  if [ -f "$data/canaries/.done" ]; then log "canaries already made"; return; fi
+  privasr-canaries --train-in "$data/train.csv" --train-out "$data/train_with_canaries.csv" \
+    --out "$data/canaries" --nj "$nj" $canary_args
+  touch "$data/canaries/.done"
+}
+
+stage_tokenizer() {
+  $python -m privasr.tokenizer --manifest "$data/train.csv" --out "$data/tokenizer" $tokenizer_args
+}
+
+stage_train() {
+  local method seed
+  for seed in $seeds; do for method in $methods; do
+    if [ -f "$(run_dir "$method" "$seed")/.trained" ]; then log "$method seed $seed already trained"; continue; fi
+    log "training $method seed $seed -> $(run_dir "$method" "$seed")/train.log"
+    mkdir -p "$(run_dir "$method" "$seed")"
+    train_command "$method" "$seed" 2>&1 | tee -a "$(run_dir "$method" "$seed")/train.log" | grep -E "^(epoch|Epoch)" || true
+    [ "${PIPESTATUS[0]}" -eq 0 ] || die "training $method seed $seed failed; see $(run_dir "$method" "$seed")/train.log"
+    touch "$(run_dir "$method" "$seed")/.trained"
+  done; done
+}
+
+stage_decode() {
+  local method seed
+  for seed in $seeds; do for method in $methods; do
+    if [ -f "$(run_dir "$method" "$seed")/hyps/.done" ]; then log "$method seed $seed already decoded"; continue; fi
+    train_command "$method" "$seed" --decode_only True >> "$(run_dir "$method" "$seed")/decode.log" 2>&1 \
+      || die "decoding $method seed $seed failed; see $(run_dir "$method" "$seed")/decode.log"
+    touch "$(run_dir "$method" "$seed")/hyps/.done"
+  done; done
+}
+
+stage_score() {
+  $python -m privasr.results --exp "$exp" --canaries "$data/canaries/canaries.csv" \
+    --holdout "$data/canaries/holdout.csv" --methods "$methods" --seeds "$seeds"
+  log "results: $exp/RESULTS.md"
+}
+
+run_stages() {
+  parse_options "$@"
+  mkdir -p "$exp" "$data"
+  if in_stage 0 "corpus"; then corpus_prepare; fi
+  if in_stage 1 "manifests"; then corpus_manifests; fi
+  if in_stage 2 "canaries"; then stage_canaries; fi
+  if in_stage 3 "tokenizer"; then stage_tokenizer; fi
+  if in_stage 4 "train ($methods) x seeds ($seeds)"; then stage_train; fi
+  if in_stage 5 "decode test, dev, canaries, holdout"; then stage_decode; fi
+  if in_stage 6 "score -> $exp/RESULTS.md"; then stage_score; fi
+  log "done (stages $stage..$stop_stage)"
+}

@@ -1,0 +1,218 @@
+"""privasr-bench: the cost of each clipping strategy under real DDP, side by side.
+
+Each strategy runs in its own fresh group of gloo (CPU) or nccl (GPU) processes, so peak
+memory is that strategy's own. A step is: forward/backward on the local batch, clip and
+aggregate, one all_reduce, SGD update. Printed as a markdown table with ratios to ``none``
+measured in the same run.
+
+Strategies: ``ddp`` (torch's DistributedDataParallel, for reference), ``none``, ``global``,
+``pcc``, ``apcc`` (one core per process, the paper's setting), ``pcc-vK`` (K virtual
+cores per process, loop), ``pec-vmap`` and ``pec-loop`` (one core per example).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+DEFAULT_STRATEGIES = ["ddp", "none", "global", "pcc", "apcc", "pcc-v4", "pec-vmap", "pec-loop"]
+
+
+def build_model(args, device):
+    from privasr.models.conformer_ctc import ConformerCTC
+
+    torch.manual_seed(0)
+    return ConformerCTC(vocab_size=args.vocab, d_model=args.d_model, num_layers=args.layers, nhead=args.heads,
+                        d_ffn=4 * args.d_model, kernel_size=15, dropout=0.0).to(device)
+
+
+def make_batch(args, rank, device):
+    """Random audio of 70-100% of --seconds and random transcripts (fixed per rank)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    samples = int(args.seconds * 16000)
+    wavs = torch.randn(args.batch, samples, generator=g) * 0.1
+    wav_lens = torch.linspace(0.7, 1.0, args.batch)
+    tokens = torch.randint(1, args.vocab, (args.batch, args.tokens), generator=g)
+    token_lens = torch.linspace(0.6, 1.0, args.batch)
+    return [t.to(device) for t in (wavs, wav_lens, tokens, token_lens)]
+
+
+def strategy_settings(name):
+    """(method, num_cores_per_process or 'example', mode)."""
+    if name in ("none", "global", "pcc", "apcc"):
+        return name, 1, "loop"
+    if name.startswith("pcc-v"):
+        return "pcc", int(name[len("pcc-v"):]), "loop"
+    if name == "pec-vmap":
+        return "pcc", "example", "vmap"
+    if name == "pec-loop":
+        return "pcc", "example", "loop"
+    raise ValueError(f"unknown strategy {name!r}; known: {', '.join(DEFAULT_STRATEGIES)} or pcc-vK")
+
+
+def _step_fn(args, model, batch, strategy):
+    """Returns a zero-argument function doing one full training step."""
+    from privasr.distributed import CoreAccumulator
+    from privasr.per_sample import shard_grads_loop, shard_grads_vmap
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
+    params = list(model.parameters())
+    feats, feat_lens = model.features(batch[0], batch[1])
+    tensors = (feats, feat_lens, batch[2], batch[3])
+
+    def loss_fn(f, fl, y, yl):
+        log_probs, out_lens = model.forward_features(f, fl)
+        return model.loss(log_probs, out_lens, y, yl, reduction="mean")
+
+    if strategy == "ddp":
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+
+        def ddp_step():
+            log_probs, out_lens = ddp(batch[0], batch[1])
+            model.loss(log_probs, out_lens, batch[2], batch[3]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return ddp_step
+
+    method, cores, mode = strategy_settings(strategy)
+    bound = 1.0 if method in ("pcc", "global") else None
+    num_shards = args.batch if cores == "example" else cores
+
+    def step():
+        acc = CoreAccumulator(params, method, bound)
+        if mode == "vmap":
+            grads, _ = shard_grads_vmap(model, loss_fn, tensors, num_shards)
+            acc.add_cores(grads)
+        else:
+            for grads, _ in shard_grads_loop(model, loss_fn, tensors, num_shards):
+                acc.add_core(grads)
+        grads, _ = acc.reduce()
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _worker(rank, world_size, port, args, strategy, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, args.threads))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+    model = build_model(args, device)
+    step = _step_fn(args, model, make_batch(args, rank, device), strategy)
+    rss_ready = _current_rss_bytes()  # model and batch in memory, no step taken yet
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    # CPU: the step's working memory = peak RSS above the RSS with model and batch loaded.
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_ready)
+    result = {"median_s": statistics.median(times), "peak_bytes": peak}
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump({"median_s": max(r["median_s"] for r in gathered),
+                       "peak_bytes": max(r["peak_bytes"] for r in gathered)}, f)
+    dist.barrier()  # gloo can abort if one rank tears down while the other still talks
+    dist.destroy_process_group()
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(args, strategy):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        mp.spawn(_worker, args=(args.nproc, _free_port(), args, strategy, out), nprocs=args.nproc, join=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def markdown_table(results, reference="none"):
+    ref = results[reference]
+    lines = ["| strategy | median step (s) | time / none | peak step memory (MiB) | memory / none |",
+             "|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['median_s']:.3f} | {r['median_s'] / ref['median_s']:.2f}x | "
+                     f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / ref['peak_bytes']:.2f}x |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES)
+    p.add_argument("--nproc", type=int, default=2, help="DDP processes (cores)")
+    p.add_argument("--batch", type=int, default=8, help="utterances per process")
+    p.add_argument("--seconds", type=float, default=3.0, help="longest utterance, seconds")
+    p.add_argument("--tokens", type=int, default=30, help="transcript length in tokens")
+    p.add_argument("--vocab", type=int, default=32)
+    p.add_argument("--d-model", type=int, default=144)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--cpu", action="store_true", help="stay on CPU even if CUDA is there")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    for s in args.strategies:
+        try:
+            strategy_settings(s) if s != "ddp" else None
+        except ValueError as e:
+            p.error(str(e))
+    if "none" not in args.strategies:
+        args.strategies = ["none"] + args.strategies
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    results = {}
+    for strategy in args.strategies:
+        print(f"measuring {strategy} ...", file=sys.stderr, flush=True)
+        results[strategy] = measure(args, strategy)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu (gloo)"
+    print(f"\n{args.nproc} processes on {device}; per process: {args.batch} utterances of <= {args.seconds}s, "
+          f"Conformer d={args.d_model} x{args.layers}; median of {args.steps} steps\n")
+    print(markdown_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
