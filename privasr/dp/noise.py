@@ -1,0 +1,153 @@
+r"""The Gaussian mechanism of DP-SGD: noise once per step, then divide by :math:`qN`.
+
+With per-example gradients clipped to :math:`\|g_i\| \le C`, the privatised gradient of a
+step with Poisson batch :math:`B_t` (rate :math:`q`, dataset size :math:`N`) is
+
+.. math::
+
+    \tilde g_t = \frac{1}{qN}\Big(\sum_{i \in B_t} \bar g_i + \mathcal{N}(0, \sigma^2 C^2 I)\Big).
+
+Three details matter for the guarantee and are enforced here:
+
+* The noise is drawn **once per step** for the *global* sum. Under DDP with a SUM
+  all-reduce, rank 0 adds the noise and the other ranks add zeros
+  (:func:`noise_for_rank`), so it is counted exactly once -- adding independent noise
+  on every rank would make its std :math:`\sqrt{W}` too large (over-noised, still
+  private) and adding the *same* noise on every rank would make it :math:`W` times too
+  large.
+* The divisor is the **expected** batch size :math:`qN`, not the realised
+  :math:`|B_t|` (which depends on the private data; dividing by it would leak).
+* Frozen parameters get **no** noise: their entries are ``None`` and stay ``None``.
+
+For a real private run seed the generator from the OS (``make_generator(None)``): the
+guarantee assumes the noise is unknown to the adversary. Fixed seeds are for tests and
+reproducible debugging.
+"""
+from __future__ import annotations
+
+import secrets
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+Grads = Sequence[Optional[torch.Tensor]]
+
+
+def make_generator(seed: Optional[int] = None, device: str | torch.device = "cpu") -> torch.Generator:
+    """A noise generator on ``device``; ``seed=None`` draws a secret seed from the OS."""
+    seed = secrets.randbits(63) if seed is None else int(seed)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _check_scale(noise_multiplier: float, max_norm: float) -> float:
+    if not noise_multiplier >= 0.0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
+    if not max_norm > 0.0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+    return float(noise_multiplier) * float(max_norm)
+
+
+def _gaussian_like(t: torch.Tensor, std: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    device = generator.device if generator is not None else t.device
+    noise = torch.randn(t.shape, generator=generator, device=device, dtype=t.dtype)
+    return noise.mul_(std).to(t.device)
+
+
+def gaussian_noise(like: Grads, noise_multiplier: float, max_norm: float,
+                   generator: Optional[torch.Generator] = None) -> List[Optional[torch.Tensor]]:
+    r"""Fresh :math:`\mathcal{N}(0, \sigma^2 C^2)` tensors shaped like ``like`` (``None`` stays ``None``)."""
+    std = _check_scale(noise_multiplier, max_norm)
+    return [None if t is None else _gaussian_like(t, std, generator) for t in like]
+
+
+def add_noise(summed_grads: Grads, noise_multiplier: float, max_norm: float,
+              generator: Optional[torch.Generator] = None) -> List[Optional[torch.Tensor]]:
+    r"""Return :math:`\sum_i \bar g_i + \mathcal{N}(0, \sigma^2 C^2 I)` for each (non-frozen) tensor.
+
+    Args:
+        summed_grads: the clipped gradients summed over the *global* batch, one per
+            parameter; ``None`` marks a frozen parameter (no noise, stays ``None``).
+        noise_multiplier: :math:`\sigma \ge 0`.
+        max_norm: the clipping bound :math:`C > 0` (the per-example L2 sensitivity).
+        generator: source of the noise (see :func:`make_generator`).
+    """
+    noise = gaussian_noise(summed_grads, noise_multiplier, max_norm, generator)
+    return [None if g is None else g + n for g, n in zip(summed_grads, noise)]
+
+
+def noise_for_rank(rank: int, like: Grads, noise_multiplier: float, max_norm: float,
+                   generator: Optional[torch.Generator] = None) -> List[Optional[torch.Tensor]]:
+    r"""This rank's share of the step's noise: :math:`\mathcal{N}(0,\sigma^2C^2)` on rank 0, zeros elsewhere.
+
+    Adding it to the local sum before a SUM all-reduce adds the noise exactly once. Only
+    rank 0 consumes ``generator``, so only rank 0's generator state needs checkpointing.
+    """
+    if int(rank) != rank or rank < 0:
+        raise ValueError(f"rank must be an integer >= 0, got {rank!r}")
+    if rank == 0:
+        return gaussian_noise(like, noise_multiplier, max_norm, generator)
+    _check_scale(noise_multiplier, max_norm)
+    return [None if t is None else torch.zeros_like(t) for t in like]
+
+
+def normalize(noisy_sums: Grads, expected_batch_size: float) -> List[Optional[torch.Tensor]]:
+    r"""Divide by the expected batch size :math:`qN` (never by the realised one)."""
+    if not expected_batch_size > 0.0:
+        raise ValueError(f"expected_batch_size (q*N) must be > 0, got {expected_batch_size!r}")
+    return [None if g is None else g / expected_batch_size for g in noisy_sums]
+
+
+def all_reduce_sum(grads: Grads, group=None) -> List[Optional[torch.Tensor]]:
+    """SUM the non-``None`` tensors over all processes with a single flattened all-reduce."""
+    present = [g for g in grads if g is not None]
+    if not present or not dist.is_available() or not dist.is_initialized():
+        return list(grads)
+    flat = torch.cat([g.reshape(-1) for g in present])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    chunks = iter(flat.split([g.numel() for g in present]))
+    return [None if g is None else next(chunks).view_as(g) for g in grads]
+
+
+def privatize(local_sums: Grads, noise_multiplier: float, max_norm: float, expected_batch_size: float,
+              generator: Optional[torch.Generator] = None, rank: Optional[int] = None,
+              group=None) -> List[Optional[torch.Tensor]]:
+    r"""The whole mechanism on one rank :math:`r`:
+
+    .. math::
+
+        \tilde g = \frac{1}{qN}\,\mathrm{AllReduce}_\Sigma\big(s_r + \mathbb{1}[r=0]\,z\big),
+        \qquad z \sim \mathcal{N}(0, \sigma^2 C^2 I).
+
+
+    Args:
+        local_sums: this rank's clipped gradients summed over its shard (``None`` = frozen).
+        noise_multiplier, max_norm: :math:`\sigma`, :math:`C`.
+        expected_batch_size: :math:`qN` (global, e.g. ``PoissonBatchSampler.expected_batch_size``).
+        generator: the noise source; only used on rank 0.
+        rank: defaults to the process-group rank (0 when not distributed).
+    """
+    if rank is None:
+        rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+    noise = noise_for_rank(rank, local_sums, noise_multiplier, max_norm, generator)
+    noisy = [None if g is None else g + z for g, z in zip(local_sums, noise)]
+    return normalize(all_reduce_sum(noisy, group), expected_batch_size)
+
+
+def is_frozen(name: str, frozen: Iterable[str]) -> bool:
+    """Whether parameter ``name`` is ``f`` or lies under module prefix ``f`` for some ``f`` in ``frozen``."""
+    return any(name == f or name.startswith(f + ".") for f in frozen)
+
+
+def mask_frozen(named_parameters: Iterable[Tuple[str, torch.nn.Parameter]], grads: Grads,
+                frozen: Iterable[str] = ()) -> List[Optional[torch.Tensor]]:
+    """Replace by ``None`` the gradients of parameters that are frozen.
+
+    A parameter is frozen if ``requires_grad`` is False or its name (or a module prefix
+    of it, e.g. a layer name from :class:`privasr.freezing.LayerFreezer`) is in ``frozen``.
+    """
+    frozen = tuple(frozen)
+    named = list(named_parameters)
+    if len(named) != len(grads):
+        raise ValueError(f"need one gradient per parameter: {len(named)} parameters, {len(grads)} gradients")
+    return [None if (not p.requires_grad or is_frozen(n, frozen)) else g for (n, p), g in zip(named, grads)]

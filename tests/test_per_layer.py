@@ -1,0 +1,124 @@
+"""Per-layer clipping: bounds, per-example norms, the clipped sum, grouping, robustness."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from privasr.dp.per_layer import (
+    PerLayerClipper,
+    clip_per_layer,
+    group_parameters_by_layer,
+    layer_bounds,
+)
+
+
+class Tiny(nn.Module):
+    """Front-end, two 'Conformer' blocks, a final norm and a head, named as in SpeechBrain."""
+
+    def __init__(self):
+        super().__init__()
+        self.frontend = nn.Linear(3, 4)
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)) for _ in range(2)])
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.frontend(x)
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(self.norm(x))
+
+
+def per_example_grads(model, x, y):
+    """Plain loop: one backward per example, stacked to [B, *shape]."""
+    grads = []
+    for xi, yi in zip(x, y):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(xi[None]), yi[None]).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    return [torch.stack(gs) for gs in zip(*grads)]
+
+
+@pytest.mark.parametrize("mode,sizes", [("uniform", [3, 50, 7, 1000]), ("dim", [3, 50, 7, 1000]), ("flat", [77])])
+def test_bounds_square_sum_to_C_squared(mode, sizes):
+    bounds = layer_bounds(2.5, sizes, mode)
+    assert sum(b * b for b in bounds) == pytest.approx(2.5 ** 2)
+    if mode == "uniform":
+        assert bounds == pytest.approx([2.5 / 2] * 4)
+    if mode == "dim":
+        assert bounds[3] / bounds[0] == pytest.approx(math.sqrt(1000 / 3))
+
+
+def test_default_grouping_of_a_speechbrain_style_encoder():
+    groups = group_parameters_by_layer(Tiny().named_parameters())
+    assert list(groups) == ["frontend", "layers.0", "layers.1", "norm", "head"]
+    assert groups["layers.1"] == ["layers.1.0.weight", "layers.1.0.bias", "layers.1.2.weight", "layers.1.2.bias"]
+    nested = group_parameters_by_layer([("model.encoder.layers.11.ffn.w.weight", None), ("model.head.b", None)])
+    assert list(nested) == ["model.encoder.layers.11", "model"]
+    assert list(group_parameters_by_layer(Tiny().named_parameters(), 2))[:3] == ["frontend", "layers.0", "layers.1"]
+    assert list(group_parameters_by_layer(Tiny().named_parameters(), r"^(head|norm)")) == [
+        "frontend", "layers", "norm", "head"]
+    with pytest.raises(ValueError, match="depth_or_regex"):
+        group_parameters_by_layer(Tiny().named_parameters(), 0)
+
+
+@pytest.mark.parametrize("mode", ["flat", "uniform", "dim"])
+def test_clipped_sum_matches_a_loop_and_each_example_respects_its_bounds(mode):
+    torch.manual_seed(0)
+    model = Tiny()
+    x, y = torch.randn(6, 3) * 5, torch.randint(0, 2, (6,))
+    grads = per_example_grads(model, x, y)
+    clipper = PerLayerClipper(model.named_parameters(), max_norm=0.3, mode=mode)
+    result = clipper(grads)
+    expected = [torch.zeros_like(g[0]) for g in grads]
+    for i in range(6):
+        total_sq = 0.0
+        for k, bound in enumerate(clipper.bounds):
+            members = [j for j, gk in enumerate(clipper.group_of) if gk == k]
+            norm = torch.sqrt(sum(grads[j][i].pow(2).sum() for j in members))
+            factor = min(1.0, bound / (norm.item() + 1e-6))
+            for j in members:
+                expected[j] += grads[j][i] * factor
+            total_sq += (norm.item() * factor) ** 2
+        assert total_sq <= 0.3 ** 2 * (1 + 1e-6)  # the whole example still has norm <= C
+    for got, want in zip(result.summed, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert result.num_kept == 6 and result.num_dropped == 0
+    assert all(0.0 <= f <= 1.0 for f in result.clipped_fraction) and max(result.clipped_fraction) > 0
+
+
+def test_zero_gradients_give_zero_not_nan():
+    grads = [torch.zeros(4, 3, 2), torch.zeros(4, 5)]
+    result = clip_per_layer(grads, [0, 1], [0.5, 0.5])
+    assert all(torch.equal(s, torch.zeros_like(s)) for s in result.summed)
+    assert result.clipped_fraction == [0.0, 0.0]
+
+
+def test_non_finite_examples_are_dropped_and_counted():
+    grads = [torch.ones(4, 3), torch.ones(4, 2)]
+    grads[0][1, 0] = float("nan")
+    grads[1][3, 1] = float("inf")
+    result = clip_per_layer(grads, [0, 0], [100.0])
+    assert result.num_dropped == 2 and result.num_kept == 2
+    assert torch.equal(result.summed[0], torch.full((3,), 2.0))
+    assert torch.equal(result.summed[1], torch.full((2,), 2.0))
+
+
+def test_frozen_parameters_are_left_out_of_groups_and_bounds():
+    model = Tiny()
+    model.layers[0].requires_grad_(False)
+    clipper = PerLayerClipper(model.named_parameters(), max_norm=1.0, mode="dim")
+    assert "layers.0" not in clipper.groups and len(clipper.names) == 10
+    assert sum(b * b for b in clipper.bounds) == pytest.approx(1.0)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        layer_bounds(1.0, [3], "layerwise")
+    with pytest.raises(ValueError, match="flat"):
+        layer_bounds(1.0, [3, 4], "flat")
+    with pytest.raises(ValueError, match="max_norm"):
+        layer_bounds(0.0, [3], "dim")
+    with pytest.raises(ValueError, match="one group index per gradient"):
+        clip_per_layer([torch.zeros(2, 3)], [0, 0], [1.0])
