@@ -162,3 +162,27 @@ class Tokenizer:
         if token_id == BLANK_ID:
             return "<blank>"
         return self.processor.id_to_piece(token_id - 1)
+
+
+def main(argv=None) -> int:
+    """``python -m privasr.tokenizer --manifest train.csv --out DIR [--vocab-size N] [--model-type char]``."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="Train (or reuse) a SentencePiece tokenizer on a manifest's wrd column")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=40)
+    p.add_argument("--model-type", choices=MODEL_TYPES, default="char")
+    args = p.parse_args(argv)
+    try:
+        tok = Tokenizer.train(args.manifest, args.out, args.vocab_size, args.model_type)
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"privasr.tokenizer: error: {err}", file=sys.stderr)
+        return 2
+    print(f"tokenizer at {args.out}: {tok.model_type}, {tok.vocab_size} classes (blank included)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

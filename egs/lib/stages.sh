@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one stage library behind every egs/<corpus>/run.sh (ESPnet-style stages, shared, not copied).
 #
-# A corpus's run.sh sets its defaults, defines corpus_prepare (stage 0) and
-# corpus_manifests (stage 1), sources this file and calls `run_stages "$@"`.
+# A corpus's run.sh sets recipe/hparams, defines corpus_prepare (stage 0) and
+# corpus_manifests (stage 1), sources this file, calls `parse_options "$@"`, then `run_stages`.
 # Every side effect sits inside a stage guard; each stage skips work already done.
 set -euo pipefail
 
@@ -93,11 +93,13 @@ stage_train() {
   local method seed
   for seed in $seeds; do for method in $methods; do
     if [ -f "$(run_dir "$method" "$seed")/.trained" ]; then log "$method seed $seed already trained"; continue; fi
-    log "training $method seed $seed -> $(run_dir "$method" "$seed")/train.log"
-    mkdir -p "$(run_dir "$method" "$seed")"
-    train_command "$method" "$seed" 2>&1 | tee -a "$(run_dir "$method" "$seed")/train.log" | grep -E "^(epoch|Epoch)" || true
-    [ "${PIPESTATUS[0]}" -eq 0 ] || die "training $method seed $seed failed; see $(run_dir "$method" "$seed")/train.log"
-    touch "$(run_dir "$method" "$seed")/.trained"
+    local dir; dir=$(run_dir "$method" "$seed")
+    log "training $method seed $seed (log: $dir/train.log; progress: tensorboard --logdir $dir/tensorboard)"
+    mkdir -p "$dir"
+    train_command "$method" "$seed" --mode train >> "$dir/train.log" 2>&1 \
+      || die "training $method seed $seed failed; see $dir/train.log"
+    tail -n 2 "$dir/train_log.txt" | sed "s/^/    /"
+    touch "$dir/.trained"
   done; done
 }
 
@@ -105,7 +107,7 @@ stage_decode() {
   local method seed
   for seed in $seeds; do for method in $methods; do
     if [ -f "$(run_dir "$method" "$seed")/hyps/.done" ]; then log "$method seed $seed already decoded"; continue; fi
-    train_command "$method" "$seed" --decode_only True >> "$(run_dir "$method" "$seed")/decode.log" 2>&1 \
+    train_command "$method" "$seed" --mode decode >> "$(run_dir "$method" "$seed")/decode.log" 2>&1 \
       || die "decoding $method seed $seed failed; see $(run_dir "$method" "$seed")/decode.log"
     touch "$(run_dir "$method" "$seed")/hyps/.done"
   done; done
@@ -118,7 +120,6 @@ stage_score() {
 }
 
 run_stages() {
-  parse_options "$@"
   mkdir -p "$exp" "$data"
   if in_stage 0 "corpus"; then corpus_prepare; fi
   if in_stage 1 "manifests"; then corpus_manifests; fi

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# mini_tts: the embedded corpus, synthesized here with espeak-ng/flite, end to end.
+#   egs/mini_tts/run.sh                          # all stages: baseline, PCC, APCC
+#   egs/mini_tts/run.sh --quick true             # a few minutes: tiny corpus, 1 epoch (CI)
+#   egs/mini_tts/run.sh --stage 4 --stop_stage 6 --methods "pcc" --clip_bound 0.5
+# Stages live in ../lib/stages.sh; only this corpus's settings are here.
+cd "$(dirname "$0")"
+recipe=recipes/mini_tts/ASR/conformer
+hparams=hparams/conformer_ctc.yaml
+quick=false
+extra_options="quick"
+source ../lib/stages.sh
+parse_options "$@"
+
+corpus_args="--num-train 3000 --num-dev 200 --num-test 200"
+canary_args="--per-count 20 --holdout 1000"
+tokenizer_args="--vocab-size 40 --model-type char"
+if [ "$quick" = true ]; then
+  data=${data/#data/data_quick}; exp=${exp/#exp/exp_quick}
+  corpus_args="--num-train 120 --num-dev 20 --num-test 20"
+  canary_args="--per-count 2 --counts 1 4 --holdout 20"
+  train_args="--number_of_epochs=1 --batch_size=8 --virtual_cores=4 --train_eval_size=20 --model_size=tiny $train_args"
+fi
+
+corpus_prepare() {
+  $python -m privasr.data.mini_tts --out "$data" --nj "$nj" $corpus_args
+}
+
+corpus_manifests() {  # mini_tts writes its manifests while synthesizing: check them
+  $python -c "import sys; from privasr.data.manifest import read_manifest as r; [r(f) for f in sys.argv[1:]]" \
+    "$data/train.csv" "$data/dev.csv" "$data/test.csv" || die "the mini_tts manifests in $data are broken"
+  log "manifests: $(($(wc -l < "$data/train.csv") - 1)) train, $(($(wc -l < "$data/dev.csv") - 1)) dev, $(($(wc -l < "$data/test.csv") - 1)) test utterances"
+}
+
+run_stages

@@ -1,0 +1,154 @@
+"""Stage 6 of the egs recipes: every run's transcripts into ``exp/RESULTS.md`` and plots.
+
+For each method and seed, ``<exp>/<method>/seed<s>/hyps/{test,dev,train_eval,canaries,holdout}.csv``
+(``ID,hyp,ref,score``, written by ``train.py --decode_only True``) give:
+
+* Table 2 — WER on test and dev, mean ± std over seeds;
+* Table 5 — the generalization gap, WER(test) − WER(train subset);
+* Table 1 — canary exposure per insertion count, ranked by CER and by the model's loss,
+  mean ± std over the canaries of all seeds (``exposure.json`` per run as well).
+
+    python -m privasr.results --exp exp --canaries data/canaries/canaries.csv \\
+        --holdout data/canaries/holdout.csv --methods "baseline pcc apcc" --seeds "1 2 3"
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from privasr.exposure import markdown_table, plot_exposure, score_exposure, summarize_by_insertions
+from privasr.metrics import wer
+
+EXPOSURE_METRICS = {"cer": "CER", "score": "loss"}
+
+
+def read_transcripts(path: Path) -> tuple[list[str], list[str]]:
+    """References and hypotheses of a ``hyps/*.csv``."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [r["ref"] for r in rows], [r["hyp"] for r in rows]
+
+
+def run_wers(run_dir: Path) -> dict[str, float]:
+    """WER (%) of each decoded set of one run."""
+    out = {}
+    for name in ("test", "dev", "train_eval"):
+        path = run_dir / "hyps" / f"{name}.csv"
+        if path.exists():
+            refs, hyps = read_transcripts(path)
+            out[name] = 100 * wer(refs, hyps)
+    if "test" in out and "train_eval" in out:
+        out["gap"] = out["test"] - out["train_eval"]
+    return out
+
+
+def run_exposures(run_dir: Path, canaries: Path, holdout: Path) -> dict[str, dict]:
+    """``{metric: exposure report}`` of one run; each report also saved as exposure_<metric>.json."""
+    reports = {}
+    for metric in EXPOSURE_METRICS:
+        report = score_exposure(canaries, holdout, run_dir / "hyps" / "canaries_and_holdout.csv", metric=metric)
+        (run_dir / f"exposure_{metric}.json").write_text(json.dumps(report, indent=1))
+        reports[metric] = report
+    return reports
+
+
+def merge_hyps(run_dir: Path) -> None:
+    """canaries.csv + holdout.csv -> canaries_and_holdout.csv (what privasr-exposure reads)."""
+    rows, header = [], None
+    for name in ("canaries", "holdout"):
+        with open(run_dir / "hyps" / f"{name}.csv", newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames
+            rows += list(reader)
+    with open(run_dir / "hyps" / "canaries_and_holdout.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "–"
+    return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def pooled_exposure(reports: list[dict]) -> dict[int, dict]:
+    """Exposure summary over the canaries of every seed of a method."""
+    insertions, exposures = [], []
+    for report in reports:
+        for entry in report["per_canary"]:
+            insertions.append(entry["insertions"])
+            exposures.append(entry["exposure"])
+    return summarize_by_insertions(insertions, exposures)
+
+
+def collect(exp: Path, canaries: Path, holdout: Path, methods: list[str], seeds: list[str]) -> dict:
+    results = {}
+    for method in methods:
+        runs = []
+        for seed in seeds:
+            run_dir = exp / method / f"seed{seed}"
+            if not (run_dir / "hyps" / "canaries.csv").exists():
+                raise FileNotFoundError(f"{run_dir}/hyps/canaries.csv not found: run the decode stage (5) first")
+            merge_hyps(run_dir)
+            runs.append({"seed": seed, "wer": run_wers(run_dir), "exposure": run_exposures(run_dir, canaries, holdout)})
+        results[method] = runs
+    return results
+
+
+def write_results(exp: Path, results: dict) -> Path:
+    """RESULTS.md and the exposure plots; returns the RESULTS.md path."""
+    any_report = next(iter(results.values()))[0]["exposure"]["cer"]
+    holdout_size = any_report["holdout_size"]
+    lines = ["# Results", "", f"Methods: {', '.join(results)}; seeds: "
+             f"{', '.join(r['seed'] for r in next(iter(results.values())))}; holdout |R| = {holdout_size} "
+             f"(exposure ceiling log2|R| = {math.log2(holdout_size):.2f} bits, floor ≈ 1 bit).", ""]
+    lines += ["## WER (%) — Table 2", "", "| method | test | dev |", "|---|---|---|"]
+    for method, runs in results.items():
+        lines.append(f"| {method} | {mean_std([r['wer'].get('test') for r in runs])} | "
+                     f"{mean_std([r['wer'].get('dev') for r in runs])} |")
+    lines += ["", "## Generalization gap — Table 5", "", "| method | train subset WER | test WER | gap (test − train) |",
+              "|---|---|---|---|"]
+    for method, runs in results.items():
+        lines.append(f"| {method} | {mean_std([r['wer'].get('train_eval') for r in runs])} | "
+                     f"{mean_std([r['wer'].get('test') for r in runs])} | {mean_std([r['wer'].get('gap') for r in runs])} |")
+    for metric, label in EXPOSURE_METRICS.items():
+        pooled = {m: pooled_exposure([r["exposure"][metric] for r in runs]) for m, runs in results.items()}
+        plot = exp / f"exposure_{metric}.png"
+        plot_exposure(pooled, plot, max_exposure=math.log2(holdout_size), title=f"Canary exposure (ranked by {label})")
+        lines += ["", f"## Exposure ranked by {label} — Table 1", "",
+                  "Mean ± std over the canaries of all seeds.", "", markdown_table(pooled).rstrip(), "",
+                  f"![exposure by {label}]({plot.name})"]
+    path = exp / "RESULTS.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (exp / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Score every run of an egs recipe into RESULTS.md")
+    p.add_argument("--exp", required=True, type=Path)
+    p.add_argument("--canaries", required=True, type=Path)
+    p.add_argument("--holdout", required=True, type=Path)
+    p.add_argument("--methods", required=True, help="space-separated run names")
+    p.add_argument("--seeds", required=True, help="space-separated seeds")
+    args = p.parse_args(argv)
+    try:
+        results = collect(args.exp, args.canaries, args.holdout, args.methods.split(), args.seeds.split())
+        path = write_results(args.exp, results)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"privasr.results: error: {err}", file=sys.stderr)
+        return 2
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
