@@ -1,0 +1,93 @@
+"""Corpora and manifests.
+
+* :mod:`privasr.data.manifest` -- SpeechBrain CSV manifests (``ID,duration,wav,spk_id,wrd``).
+* :mod:`privasr.data.text_source` -- the offline English sentence generator behind mini_tts.
+* :mod:`privasr.data.mini_tts` -- a small corpus synthesized on the machine (espeak-ng, flite, sox).
+* :mod:`privasr.data.librispeech` -- LibriSpeech directory tree to manifests.
+
+This module also holds the two conventions every privasr command line shares:
+
+* :class:`CliParser` / :func:`run_cli`: bad input ends in *one* line on stderr and exit
+  status 2, never a traceback;
+* :func:`is_done` / :func:`mark_done`: a step that completed with the same parameters is
+  not run again (idempotent, resumable stages); :func:`claim_dir` empties a directory of
+  generated files that were made with other settings, so resuming never mixes two runs.
+
+The corpus modules are not imported here, so that ``python -m privasr.data.mini_tts`` runs
+cleanly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, NoReturn, Sequence
+
+__all__ = ["CliParser", "run_cli", "is_done", "mark_done", "claim_dir", "USER_ERRORS"]
+
+#: Exceptions that mean "the input is wrong", reported as one line with exit status 2.
+USER_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+class CliParser(argparse.ArgumentParser):
+    """An :class:`argparse.ArgumentParser` whose errors are a single line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102 (argparse API)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None, prog: str) -> int:
+    """Run ``main(argv)``; turn user errors into ``prog: error: ...`` and exit status 2."""
+    try:
+        main(argv)
+    except USER_ERRORS as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def is_done(marker: str | os.PathLike, params: Mapping[str, Any], outputs: Sequence[str | os.PathLike] = ()) -> bool:
+    """True when ``marker`` records exactly ``params`` and every path in ``outputs`` exists."""
+    marker = Path(marker)
+    if not marker.is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return recorded == _jsonable(params) and all(Path(p).exists() for p in outputs)
+
+
+def mark_done(marker: str | os.PathLike, params: Mapping[str, Any]) -> None:
+    """Record that the step producing ``marker`` finished with ``params`` (atomic write)."""
+    marker = Path(marker)
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(params), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, marker)
+
+
+def claim_dir(directory: str | os.PathLike, key: Mapping[str, Any]) -> Path:
+    """Create ``directory`` for files generated under ``key``; return it.
+
+    ``directory/.key.json`` records the key. If it records another key, the directory (which
+    privasr created) is deleted first; files left by an interrupted run with the same key stay.
+    """
+    directory = Path(directory)
+    key_file = directory / ".key.json"
+    if key_file.is_file() and not is_done(key_file, key):
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    mark_done(key_file, key)
+    return directory
+
+
+def _jsonable(params: Mapping[str, Any]) -> Any:
+    """Normalise ``params`` through JSON, so tuples and lists compare equal after a round trip."""
+    return json.loads(json.dumps(params, sort_keys=True, default=str))
