@@ -1,0 +1,355 @@
+r"""Exposure of Secret Sharer canaries (Carlini et al. 2019; paper section 2.3, Definition 1).
+
+Every canary :math:`c` and holdout utterance :math:`r \in R` gets a score :math:`s` where
+*lower means the model fits it better* (CER, WER, or a loss). The exposure of a canary is
+
+.. math::  \mathrm{exposure}(c) = \log_2 |R| - \log_2 \mathrm{rank}(c),
+
+with the rank of :math:`s_c` among the holdout scores (ranking against the holdout only):
+
+* ``ties="mean"`` (default): :math:`\mathrm{rank} = 1 + \#\{r: s_r < s_c\} + \tfrac12 \#\{r: s_r = s_c\}`.
+  A model that outputs nothing scores CER 1 everywhere, so every canary ties with every
+  holdout utterance and gets :math:`\log_2 |R| - \log_2(1 + |R|/2) \approx 1` bit;
+  a canary strictly better than all holdout gets the maximum, :math:`\log_2 |R|`.
+* ``ties="reference"``: :math:`\mathrm{rank} = 1 + \#\{r: s_r \le s_c\}` -- holdout
+  utterances win ties, as in TensorFlow Privacy's ``compute_exposure_interpolation``.
+
+Extrapolation (TensorFlow Privacy's ``compute_exposure_extrapolation``) fits a skew-normal
+distribution :math:`F` to the holdout scores (``scipy.stats.skewnorm.fit``) and reports
+:math:`-\log_2 F(s_c)`, computed as ``-skewnorm.logcdf / ln 2``. When :math:`F(s_c)`
+underflows the exposure is capped at :data:`EXTRAPOLATION_CAP_BITS` (the probability of the
+smallest positive double) and flagged ``"capped": true``.
+
+Per insertion count, :func:`summarize_by_insertions` reports the mean and the (population,
+``ddof=0``) standard deviation, as in the paper's Table 1.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jiwer
+import numpy as np
+from scipy import stats
+
+from privasr.data.manifest import Utterance, read_manifest, read_table
+
+__all__ = [
+    "METRICS", "METHODS", "TIES", "EXTRAPOLATION_CAP_BITS",
+    "normalize_text", "error_rates", "ranks", "exposure_interpolation", "exposure_extrapolation",
+    "summarize_by_insertions", "markdown_table", "plot_exposure", "read_hyps", "score_exposure",
+    "load_report", "compare_reports",
+]
+
+METRICS = ("cer", "wer", "score")
+METHODS = ("interpolation", "extrapolation")
+TIES = ("mean", "reference")
+#: :math:`-\log_2` of the smallest positive double: exposure reported when the CDF underflows.
+EXTRAPOLATION_CAP_BITS = 1074.0
+
+
+# ---------------------------------------------------------------------------- scores
+def normalize_text(text: str) -> str:
+    """Upper case, single spaces, no leading/trailing space (manifests' ``wrd`` convention)."""
+    return " ".join(text.upper().split())
+
+
+def error_rates(refs: Sequence[str], hyps: Sequence[str], metric: str = "cer") -> np.ndarray:
+    """Per-utterance character (``"cer"``) or word (``"wer"``) error rate, via jiwer.
+
+    Both sides go through :func:`normalize_text`; an empty hypothesis has error rate 1.
+    """
+    if metric not in ("cer", "wer"):
+        raise ValueError(f"error-rate metric must be 'cer' or 'wer', got '{metric}'")
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    measure = jiwer.cer if metric == "cer" else jiwer.wer
+    out = np.empty(len(refs))
+    for i, (ref, hyp) in enumerate(zip(refs, hyps)):
+        ref = normalize_text(ref)
+        if not ref:
+            raise ValueError(f"empty reference at position {i}")
+        out[i] = measure(reference=ref, hypothesis=normalize_text(hyp)) if hyp.strip() else 1.0
+    return out
+
+
+# ---------------------------------------------------------------------------- exposure
+def _as_scores(values: Sequence[float], name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=float).reshape(-1)
+    if np.isnan(array).any():
+        raise ValueError(f"{name} contain NaN")
+    return array
+
+
+def ranks(canary_scores: Sequence[float], holdout_scores: Sequence[float], ties: str = "mean") -> np.ndarray:
+    """Rank of each canary score among the holdout scores (1 = better than every holdout).
+
+    ``ties="mean"``: :math:`1 + \\#\\{s_r < s_c\\} + \\frac12\\#\\{s_r = s_c\\}`;
+    ``ties="reference"``: :math:`1 + \\#\\{s_r \\le s_c\\}`.
+    """
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {', '.join(TIES)}, got '{ties}'")
+    canary, holdout = _as_scores(canary_scores, "canary scores"), np.sort(_as_scores(holdout_scores, "holdout scores"))
+    if holdout.size == 0:
+        raise ValueError("empty holdout set")
+    below = np.searchsorted(holdout, canary, side="left")
+    below_or_equal = np.searchsorted(holdout, canary, side="right")
+    if ties == "reference":
+        return 1.0 + below_or_equal
+    return 1.0 + below + 0.5 * (below_or_equal - below)
+
+
+def exposure_interpolation(
+    canary_scores: Sequence[float], holdout_scores: Sequence[float], ties: str = "mean"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(ranks, exposures)`` with exposure :math:`\\log_2|R| - \\log_2 \\mathrm{rank}`."""
+    rank = ranks(canary_scores, holdout_scores, ties)
+    return rank, np.log2(len(holdout_scores)) - np.log2(rank)
+
+
+def exposure_extrapolation(
+    canary_scores: Sequence[float], holdout_scores: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """``(exposures, capped, (a, loc, scale))``: :math:`-\\log_2 F(s_c)` for the skew-normal
+    :math:`F` fitted to the holdout scores; ``capped`` marks CDFs that underflowed.
+
+    Raises :class:`ValueError` if the holdout scores are constant, non-finite or too few.
+    """
+    canary, holdout = _as_scores(canary_scores, "canary scores"), _as_scores(holdout_scores, "holdout scores")
+    if holdout.size < 3 or not np.isfinite(holdout).all() or np.ptp(holdout) == 0:
+        raise ValueError("extrapolation needs >= 3 finite, not all equal holdout scores; use --method interpolation")
+    try:
+        params = tuple(float(p) for p in stats.skewnorm.fit(holdout))
+    except (stats.FitError, RuntimeError) as err:
+        raise ValueError(f"skew-normal fit of the holdout scores failed: {err}") from None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bits = -stats.skewnorm.logcdf(canary, *params) / math.log(2)
+    capped = ~np.isfinite(bits) | (bits > EXTRAPOLATION_CAP_BITS)
+    return np.where(capped, EXTRAPOLATION_CAP_BITS, np.maximum(bits, 0.0)), capped, params
+
+
+def summarize_by_insertions(insertions: Sequence[int], exposures: Sequence[float]) -> dict[int, dict]:
+    """``{k: {"mean", "std", "n"}}`` over the canaries inserted ``k`` times (std with ddof=0)."""
+    insertions, exposures = np.asarray(insertions, dtype=int), np.asarray(exposures, dtype=float)
+    if insertions.shape != exposures.shape:
+        raise ValueError(f"{insertions.size} insertion counts but {exposures.size} exposures")
+    return {int(k): {"mean": float(exposures[insertions == k].mean()), "std": float(exposures[insertions == k].std()),
+                     "n": int((insertions == k).sum())} for k in sorted(set(insertions.tolist()))}
+
+
+# ---------------------------------------------------------------------------- reporting
+def markdown_table(runs: Mapping[str, Mapping], digits: int = 1) -> str:
+    """The paper's Table 1: one row per run, ``mean ± std`` per insertion count.
+
+    ``runs`` maps a label to a ``by_insertions`` dict (keys may be ints or strings).
+    """
+    counts = sorted({int(k) for summary in runs.values() for k in summary})
+    lines = ["| Canary #Insertion | " + " | ".join(map(str, counts)) + " |", "|---" * (len(counts) + 1) + "|"]
+    for label, summary in runs.items():
+        cells = [_cell(summary.get(str(k), summary.get(k)), digits) for k in counts]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(entry: Mapping | None, digits: int) -> str:
+    return "–" if entry is None else f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+
+
+def plot_exposure(runs: Mapping[str, Mapping], path: str | os.PathLike, max_exposure: float | None = None,
+                  title: str = "Canary exposure") -> Path:
+    """Exposure (mean ± std) against insertion count, one line per run; PNG via matplotlib Agg.
+
+    ``max_exposure`` (e.g. :math:`\\log_2|R|`) is drawn as a dashed line when given.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, summary in runs.items():
+        counts = sorted(int(k) for k in summary)
+        entries = [summary.get(str(k), summary.get(k)) for k in counts]
+        ax.errorbar(counts, [e["mean"] for e in entries], yerr=[e["std"] for e in entries],
+                    marker="o", capsize=3, label=label)
+    if max_exposure is not None:
+        ax.axhline(max_exposure, linestyle="--", color="gray", label=f"max = log2|R| = {max_exposure:.1f}")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({int(k) for summary in runs.values() for k in summary})
+    ax.set_xticks(ticks, labels=[str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("canary insertions")
+    ax.set_ylabel("exposure (bits)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- files
+def read_hyps(path: str | os.PathLike, metric: str) -> dict[str, tuple[str, float | None]]:
+    """``{ID: (hyp, score)}`` from a CSV with columns ``ID,hyp[,score]``.
+
+    ``hyp`` is required for cer/wer, ``score`` for the score metric. Raises
+    :class:`ValueError` (file and line) for duplicate IDs and non-numeric or NaN scores.
+    """
+    required = ["ID", "score"] if metric == "score" else ["ID", "hyp"]
+    hyps: dict[str, tuple[str, float | None]] = {}
+    lines: dict[str, int] = {}
+    for line, row in read_table(path, required):
+        utt_id = row["ID"].strip()
+        if utt_id in hyps:
+            raise ValueError(f"{path}:{line}: duplicate ID '{utt_id}' (first on line {lines[utt_id]})")
+        hyps[utt_id], lines[utt_id] = (row.get("hyp") or "", _score(path, line, row)), line
+    return hyps
+
+
+def _score(path, line: int, row: Mapping[str, str]) -> float | None:
+    if not (row.get("score") or "").strip():
+        return None
+    try:
+        value = float(row["score"])
+    except ValueError:
+        raise ValueError(f"{path}:{line}: score '{row['score']}' is not a number") from None
+    if math.isnan(value):
+        raise ValueError(f"{path}:{line}: score is NaN")
+    return value
+
+
+def _read_canaries(path: str | os.PathLike) -> tuple[list[Utterance], list[int]]:
+    canaries = read_manifest(path, check_audio=False)
+    if not canaries:
+        raise ValueError(f"{path}: no canaries")
+    if "insertions" not in canaries[0].extra:
+        raise ValueError(f"{path}:1: missing column insertions")
+    counts = []
+    for line, utt in enumerate(canaries, start=2):
+        value = utt.extra["insertions"]
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"{path}:{line}: insertions '{value}' of '{utt.id}' is not an integer >= 1")
+        counts.append(int(value))
+    return canaries, counts
+
+
+def _check_ids(hyps_path, hyps: Mapping[str, object], canaries: Sequence[Utterance], holdout: Sequence[Utterance]):
+    known = [u.id for u in canaries] + [u.id for u in holdout]
+    overlap = {u.id for u in canaries} & {u.id for u in holdout}
+    if overlap:
+        raise ValueError(f"IDs in both the canary and holdout manifests: {_few(sorted(overlap))}")
+    unknown = [i for i in hyps if i not in set(known)]
+    if unknown:
+        raise ValueError(f"{hyps_path}: {len(unknown)} ID(s) not in the canary/holdout manifests: {_few(unknown)}")
+    missing = [i for i in known if i not in hyps]
+    if missing:
+        raise ValueError(f"{hyps_path}: no hypothesis for {len(missing)} manifest ID(s): {_few(missing)}")
+
+
+def _few(ids: Sequence[str], n: int = 3) -> str:
+    return ", ".join(ids[:n]) + (f" (and {len(ids) - n} more)" if len(ids) > n else "")
+
+
+def _scores(utts: Sequence[Utterance], hyps: Mapping[str, tuple], metric: str, hyps_path) -> np.ndarray:
+    if metric != "score":
+        return error_rates([u.wrd for u in utts], [hyps[u.id][0] for u in utts], metric)
+    missing = [u.id for u in utts if hyps[u.id][1] is None]
+    if missing:
+        raise ValueError(f"{hyps_path}: empty score for {len(missing)} ID(s): {_few(missing)}")
+    return np.array([hyps[u.id][1] for u in utts], dtype=float)
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def score_exposure(
+    canaries_csv: str | os.PathLike,
+    holdout_csv: str | os.PathLike,
+    hyps_csv: str | os.PathLike,
+    metric: str = "cer",
+    method: str = "interpolation",
+    ties: str = "mean",
+) -> dict:
+    """The exposure report (the content of ``exposure.json``) of one model's hypotheses.
+
+    ``{"holdout_size", "metric", "method", "ties", "per_canary": [{"id", "insertions",
+    "score", "rank", "exposure"[, "capped"]}], "by_insertions": {"1": {"mean", "std", "n"}, ...}}``.
+    ``rank`` is always the empirical rank (with ``ties``); non-finite scores are written as null.
+    """
+    for name, value, allowed in (("metric", metric, METRICS), ("method", method, METHODS), ("ties", ties, TIES)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
+    canaries, insertions = _read_canaries(canaries_csv)
+    holdout = read_manifest(holdout_csv, check_audio=False)
+    if not holdout:
+        raise ValueError(f"{holdout_csv}: empty holdout set")
+    hyps = read_hyps(hyps_csv, metric)
+    _check_ids(hyps_csv, hyps, canaries, holdout)
+    canary_scores = _scores(canaries, hyps, metric, hyps_csv)
+    holdout_scores = _scores(holdout, hyps, metric, hyps_csv)
+    rank, exposure = exposure_interpolation(canary_scores, holdout_scores, ties)
+    report = {"holdout_size": len(holdout), "metric": metric, "method": method, "ties": ties}
+    per_canary = [{"id": u.id, "insertions": k, "score": _finite(s), "rank": float(r), "exposure": float(e)}
+                  for u, k, s, r, e in zip(canaries, insertions, canary_scores, rank, exposure)]
+    if method == "extrapolation":
+        exposure, capped, params = exposure_extrapolation(canary_scores, holdout_scores)
+        for entry, e, c in zip(per_canary, exposure, capped):
+            entry.update(exposure=float(e), capped=bool(c))
+        report["skewnorm_fit"] = dict(zip(("a", "loc", "scale"), params))
+    report["holdout_scores"] = {"min": _finite(holdout_scores.min()), "median": _finite(np.median(holdout_scores)),
+                                "max": _finite(holdout_scores.max())}
+    report["per_canary"] = per_canary
+    summary = summarize_by_insertions(insertions, exposure)
+    report["by_insertions"] = {str(k): v for k, v in summary.items()}
+    return report
+
+
+def load_report(path: str | os.PathLike) -> dict:
+    """Read an ``exposure.json``; :class:`ValueError` if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    by = report.get("by_insertions") if isinstance(report, dict) else None
+    if not isinstance(by, dict) or not all(isinstance(v, dict) and {"mean", "std"} <= set(v) for v in by.values()):
+        raise ValueError(f"{path}: not an exposure report (no valid 'by_insertions')")
+    return report
+
+
+def compare_reports(paths: Sequence[str | os.PathLike], labels: Sequence[str] | None = None) -> dict[str, dict]:
+    """``{label: by_insertions}`` of several reports.
+
+    Labels are ``labels`` if given, else the reports' own ``"label"`` fields when all are
+    present and distinct, else the file names.
+    """
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"{len(paths)} reports but {len(labels)} labels")
+    reports = [load_report(path) for path in paths]
+    own = [r.get("label") for r in reports]
+    if labels is not None:
+        names = list(labels)
+    elif all(isinstance(n, str) and n for n in own) and len(set(own)) == len(own):
+        names = own
+    else:
+        names = _labels(paths)
+    if len(set(names)) != len(names):
+        raise ValueError(f"labels are not distinct: {', '.join(names)}; pass --labels")
+    return {name: report["by_insertions"] for name, report in zip(names, reports)}
+
+
+def _labels(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """File stems, or ``parent/stem`` when stems repeat (``base/exposure.json`` vs ``pcc/...``)."""
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [f"{Path(p).parent.name}/{Path(p).stem}" if stems.count(s) > 1 else s for p, s in zip(paths, stems)]
