@@ -262,3 +262,15 @@ def test_bad_config_raises_value_error(kwargs, match):
     kwargs = {"vocab_size": 10, **kwargs}
     with pytest.raises(ValueError, match=match):
         build_model(**kwargs)
+
+
+def test_rnnt_loss_of_a_shard_padded_beyond_its_longest_utterance():
+    """A shard keeps its batch's padding; the native loss must equal the unpadded one."""
+    from privasr.models.rnnt_loss import rnnt_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 4, 5)
+    tokens = torch.randint(1, 5, (2, 3))
+    padded = rnnt_loss(logits, torch.tensor([4 / 6, 3 / 6]), tokens, torch.tensor([2 / 3, 1 / 3]), "none")
+    trimmed = rnnt_loss(logits[:, :4, :3], torch.tensor([1.0, 3 / 4]), tokens[:, :2], torch.tensor([1.0, 0.5]), "none")
+    assert torch.allclose(padded, trimmed)

@@ -120,6 +120,7 @@ stage_score() {
 }
 
 run_stages() {
+  local m; for m in $methods; do clipping_of "$m" > /dev/null; done  # refuse unknown methods up front
   mkdir -p "$exp" "$data"
   if in_stage 0 "corpus"; then corpus_prepare; fi
   if in_stage 1 "manifests"; then corpus_manifests; fi

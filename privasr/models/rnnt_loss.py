@@ -83,6 +83,10 @@ def rnnt_loss(logits: torch.Tensor, out_lens: torch.Tensor, tokens: torch.Tensor
     if implementation == "torch":
         nll = rnnt_nll_torch(logits, tokens, logit_lengths, target_lengths, blank)
     else:
+        # torchaudio insists that the longest lengths fill the padded tensors, which is not so
+        # for a shard of a batch padded as a whole: trim the padding first.
+        max_t, max_u = int(logit_lengths.max()), int(target_lengths.max())
+        logits, tokens = logits[:, :max_t, : max_u + 1].contiguous(), tokens[:, :max_u].contiguous()
         nll = audio_functional.rnnt_loss(
             logits.float(), tokens.int(), logit_lengths.int(), target_lengths.int(),
             blank=blank, reduction="none")

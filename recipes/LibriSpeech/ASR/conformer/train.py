@@ -1,0 +1,1 @@
+../../../mini_tts/ASR/conformer/train.py
