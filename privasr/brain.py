@@ -76,6 +76,24 @@ class ClippingConfig:
                    get("reduction", "mean"), get("core_grad_mode", "loop"))
 
 
+@sb.utils.checkpoints.register_checkpoint_hooks
+class RunCounters:
+    """Fault counters that must survive a resume: skipped steps, dropped cores, inf-loss utterances."""
+
+    def __init__(self):
+        self.skipped_steps = 0
+        self.dropped_cores = 0
+        self.infinite_loss_utterances = 0
+
+    @sb.utils.checkpoints.mark_as_saver
+    def _save(self, path):
+        torch.save(vars(self), path)
+
+    @sb.utils.checkpoints.mark_as_loader
+    def _load(self, path, end_of_epoch=False):
+        vars(self).update(torch.load(path))
+
+
 class PrivateBrain(sb.Brain):
     """``sb.Brain`` with per-core (or per-example) clipping in ``fit_batch``."""
 
@@ -84,8 +102,9 @@ class PrivateBrain(sb.Brain):
         self.clip_config = ClippingConfig.from_hparams(self.hparams)
         self._accumulator: Optional[CoreAccumulator] = None
         self._tb_writer = None
-        self.skipped_steps = 0
-        self.dropped_cores = 0
+        self.counters = RunCounters()
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable("run_counters", self.counters)
         self.last_stats: Optional[AggregationStats] = None
 
     # -- the two methods a recipe implements -------------------------------------------
@@ -137,22 +156,23 @@ class PrivateBrain(sb.Brain):
         grads, stats = self._accumulator.reduce()
         self._accumulator = None
         self.last_stats = stats
-        self.dropped_cores += len(stats.dropped)
+        self.counters.dropped_cores += len(stats.dropped)
         if stats.dropped:
             logger.warning("dropped %d core(s) with non-finite gradients (local indices %s)",
                            len(stats.dropped), stats.dropped)
         if stats.skipped:
-            self.skipped_steps += 1
-            logger.warning("every core was non-finite: optimizer step skipped (%d so far)", self.skipped_steps)
+            self.counters.skipped_steps += 1
+            logger.warning("every core was non-finite: optimizer step skipped (%d so far)",
+                           self.counters.skipped_steps)
             self._check_nonfinite_patience()
         else:
             self._step_optimizers(grads)
         self._log_step(stats)
 
     def _check_nonfinite_patience(self) -> None:
-        if self.skipped_steps > self.nonfinite_patience:
+        if self.counters.skipped_steps > self.nonfinite_patience:
             raise RuntimeError(
-                f"{self.skipped_steps} optimizer steps skipped because every core's gradient was non-finite "
+                f"{self.counters.skipped_steps} optimizer steps skipped because every core's gradient was non-finite "
                 f"(patience nonfinite_patience={self.nonfinite_patience}); stopping"
             )
 
@@ -188,8 +208,8 @@ class PrivateBrain(sb.Brain):
         writer.add_scalar("clipping/clipped_fraction_local", stats.clipped_fraction, step)
         if stats.bound is not None:
             writer.add_scalar("clipping/bound", stats.bound, step)
-        writer.add_scalar("clipping/dropped_cores_total", self.dropped_cores, step)
-        writer.add_scalar("clipping/skipped_steps_total", self.skipped_steps, step)
+        writer.add_scalar("clipping/dropped_cores_total", self.counters.dropped_cores, step)
+        writer.add_scalar("clipping/skipped_steps_total", self.counters.skipped_steps, step)
 
     def _tensorboard(self):
         directory = getattr(self.hparams, "tensorboard_dir", None)

@@ -66,7 +66,7 @@ def test_all_cores_nan_skips_the_step_and_counts_it():
     before = torch.cat([p.detach().flatten().clone() for p in brain.modules.parameters()])
     after = fit_toy_brain(brain, [(x, y)])
     assert torch.equal(before, after)
-    assert brain.skipped_steps == 1 and brain.dropped_cores == 2
+    assert brain.counters.skipped_steps == 1 and brain.counters.dropped_cores == 2
 
 
 def test_tensorboard_gets_clipping_statistics(tmp_path):
