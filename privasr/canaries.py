@@ -11,11 +11,11 @@ utterances. All transcripts are distinct, so canaries and holdout are disjoint, 
 equals a training transcript.
 
 Speed and CTC. A character CTC model with a 40 ms frame rate needs at least one frame per
-character (more for repeated letters). espeak-ng at its usual 160-175 wpm, sped up 4x,
-gives ~25 ms per character, so the loss is infinite. The default voice therefore speaks at
-espeak-ng's slowest rate (80 wpm) with a 160 ms word gap (``-g 16``) before the 4x tempo,
-which gives ~46-66 ms per character (median ~54; characters include spaces).
-:func:`char_duration_stats` reports this for every generated set.
+character, plus one blank between repeated letters ("LL" needs three frames). espeak-ng at
+its usual 160-175 wpm, sped up 4x, gives ~25 ms per character, so the loss is infinite.
+The default voice therefore speaks at espeak-ng's slowest rate (80 wpm) with a 160 ms word
+gap (``-g 16``) before the 4x tempo, which gives ~46-66 ms per character (median ~54;
+characters include spaces). :func:`char_duration_stats` reports this for every set made.
 
 Training-manifest rows of an inserted canary repeat its audio under the IDs
 ``<canary id>_r1 .. _r<k>``; :func:`canary_id_of` maps them back.

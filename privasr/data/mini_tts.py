@@ -1,7 +1,7 @@
 """mini_tts: a small English ASR corpus synthesized on the machine, no download.
 
 Text: the seeded template grammar of :mod:`privasr.data.text_source` (an embedded word list
-of ~2,100 English word forms; sentences of 5-15 words). Splits are disjoint and prefix-stable:
+of 2,125 English word forms; sentences of 5-15 words, 8 on average). Splits are disjoint and prefix-stable:
 the first 3,000 train sentences of a 10,000-utterance corpus are the 3,000 of the default one.
 
 Audio: each utterance is spoken by one of 28 speakers -- 24 espeak-ng configurations
@@ -56,7 +56,10 @@ _FLITE_SPEAKERS = [("slt", 155), ("rms", 150), ("awb", 160), ("kal16", 165)]
 
 
 def speakers(use_flite: bool = True) -> list[Voice]:
-    """The speaker bank: 24 espeak-ng configurations, plus 4 flite voices if ``use_flite``."""
+    """The speaker bank: 24 espeak-ng configurations, plus 4 flite voices if ``use_flite``.
+
+    Changing this list changes which speaker reads each utterance: bump :data:`CORPUS_VERSION`.
+    """
     bank = [Voice("espeak-ng", name, rate, pitch) for name, rate, pitch in _ESPEAK_SPEAKERS]
     return bank + ([Voice("flite", name, rate) for name, rate in _FLITE_SPEAKERS] if use_flite else [])
 
