@@ -20,6 +20,7 @@ setup(
         "soundfile==0.14.0",
         "opacus==1.6.0",  # privacy accountants (RDP, PRV)
         "dp-accounting==0.6.0",  # independent accountant used to cross-check
+        "pyyaml",  # plain study grids (privasr.study)
         "scipy",
         "matplotlib",
         "tqdm",

@@ -64,18 +64,22 @@ clipping_of() {  # run-name -> the recipe's --clipping value
 
 run_dir() { echo "$exp/$1/seed$2"; }
 
-train_command() {  # train_command METHOD SEED EXTRA... : the launch line of one run
-  local method=$1 seed=$2; shift 2
+launch_train() {  # launch_train OUTPUT_DIR OVERRIDES... : the recipe's train.py on this corpus's data
+  local out=$1; shift
   local launcher=("$python")
   [ "$nproc" -gt 1 ] && launcher=("$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc")
-  local args=("$PRIVASR_ROOT/$recipe/train.py" "$PRIVASR_ROOT/$recipe/$hparams"
-              --output_folder "$(run_dir "$method" "$seed")" --seed "$seed" --clipping "$(clipping_of "$method")"
-              --data_folder "$data" --tokenizer_dir "$data/tokenizer")
-  [ -n "$virtual_cores" ] && args+=(--virtual_cores "$virtual_cores")
-  [ -n "$clip_bound" ] && args+=(--clip_bound "$clip_bound")
   # shellcheck disable=SC2206
   local extra=($train_args)
-  "${launcher[@]}" "${args[@]}" "${extra[@]}" "$@"
+  "${launcher[@]}" "$PRIVASR_ROOT/$recipe/train.py" "$PRIVASR_ROOT/$recipe/$hparams" --output_folder "$out" \
+    --data_folder "$data" --tokenizer_dir "$data/tokenizer" "${extra[@]}" "$@"
+}
+
+train_command() {  # train_command METHOD SEED EXTRA... : one run of the method comparison
+  local method=$1 seed=$2; shift 2
+  local args=(--seed "$seed" --clipping "$(clipping_of "$method")")
+  [ -n "$virtual_cores" ] && args+=(--virtual_cores "$virtual_cores")
+  [ -n "$clip_bound" ] && args+=(--clip_bound "$clip_bound")
+  launch_train "$(run_dir "$method" "$seed")" "${args[@]}" "$@"
 }
 
 stage_canaries() {

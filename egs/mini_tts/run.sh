@@ -22,14 +22,5 @@ if [ "$quick" = true ]; then
   train_args="--number_of_epochs=1 --batch_size=8 --virtual_cores=4 --train_eval_size=20 --model_size=tiny $train_args"
 fi
 
-corpus_prepare() {
-  $python -m privasr.data.mini_tts --out "$data" --nj "$nj" $corpus_args
-}
-
-corpus_manifests() {  # mini_tts writes its manifests while synthesizing: check them
-  $python -c "import sys; from privasr.data.manifest import read_manifest as r; [r(f) for f in sys.argv[1:]]" \
-    "$data/train.csv" "$data/dev.csv" "$data/test.csv" || die "the mini_tts manifests in $data are broken"
-  log "manifests: $(($(wc -l < "$data/train.csv") - 1)) train, $(($(wc -l < "$data/dev.csv") - 1)) dev, $(($(wc -l < "$data/test.csv") - 1)) test utterances"
-}
-
+source corpus.sh
 run_stages

@@ -41,7 +41,8 @@ def main(argv):
     # 2. Test WER with the best checkpoint, then transcripts + losses for exposure.
     if hparams["mode"] == "train":
         return
-    brain.evaluate(dataset(hparams["test_csv"]), min_key="WER", test_loader_kwargs=hparams["valid_dataloader_opts"])
+    which = {"best": {"min_key": "WER"}, "last": {"max_key": "epoch"}}[hparams["decode_checkpoint"]]
+    brain.evaluate(dataset(hparams["test_csv"]), test_loader_kwargs=hparams["valid_dataloader_opts"], **which)
     if sb.utils.distributed.if_main_process():
         sets = {name: dataset(hparams[f"{name}_csv"]) for name in ("test", "dev", "canaries", "holdout")}
         sets["train_eval"] = dataset(hparams["train_eval_csv"], select_n=hparams["train_eval_size"])

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The mitigation study on mini_tts: pre-train without canaries, then fine-tune with them under every
+# configuration of conf/study.yaml (baseline, PEC, PCC/APCC at per-core batch 2/4/8, bounds from norm
+# quantiles), decode, and write exp_study/RESULTS.md. Resumable: re-run the same command.
+#   egs/mini_tts/run_study.sh --jobs 2            # two fine-tunings at a time (1 thread each)
+#   egs/mini_tts/run_study.sh --stage 6 --configs "baseline pcc_B2_p10" --seeds "1"
+# Stages: 0 corpus, 1 manifests, 2 canaries (holdout 4,000), 3 tokenizer, 4 pre-train,
+#         5 norm quantiles, 6 fine-tune grid, 7 decode, 8 score.
+cd "$(dirname "$0")"
+recipe=recipes/mini_tts/ASR/conformer
+hparams=hparams/conformer_ctc.yaml
+study=conf/study.yaml
+data=data_study
+exp=exp_study
+stop_stage=8
+jobs=1
+configs=""        # empty: every configuration of $study
+corpus_args="--num-train 3000 --num-dev 200 --num-test 200"
+canary_args="--per-count 10 --holdout 4000"
+tokenizer_args="--vocab-size 40 --model-type char"
+extra_options="study jobs configs corpus_args canary_args"
+source ../lib/stages.sh
+source corpus.sh
+parse_options "$@"
+methods=baseline  # the stage library's method list is not used here
+
+study_py() { $python -m privasr.study "$@"; }
+
+stage_pretrain() {
+  if [ -f "$exp/pretrain/.trained" ]; then log "pre-training already done"; return; fi
+  local epochs; epochs=$($python -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['pretrain_epochs'])" "$study")
+  launch_train "$exp/pretrain" --mode train --clipping none --virtual_cores 1 --train_csv "$data/train.csv" \
+    --number_of_epochs "$epochs" >> "$exp/pretrain.log" 2>&1 || die "pre-training failed; see $exp/pretrain.log"
+  touch "$exp/pretrain/.trained"
+}
+
+stage_quantiles() {
+  mkdir -p "$exp/quantiles"
+  study_py quantiles-needed "$study" | while read -r per_core reduction; do
+    local out="$exp/quantiles/B${per_core}_${reduction}.json"
+    [ -f "$out" ] && { log "norm quantiles B=$per_core ($reduction) already measured"; continue; }
+    privasr-norm-quantiles "$PRIVASR_ROOT/$recipe/$hparams" --per-core "$per_core" --batches 30 --json "$out" -- \
+      --output_folder "$exp/pretrain" --data_folder "$data" --tokenizer_dir "$data/tokenizer" \
+      --train_csv "$data/train.csv" --loss_reduction "$reduction" 2>> "$exp/quantiles.log" | sed 's/^/    /'
+  done
+}
+
+planned_runs() {  # "name seed overrides..." of the selected configurations and seeds
+  study_py plan "$study" --quantiles "$exp/quantiles" | while read -r name seed rest; do
+    { [ -z "$configs" ] || [[ " $configs " == *" $name "* ]]; } || continue
+    { [ -z "${seeds_override:-}" ] || [[ " $seeds_override " == *" $seed "* ]]; } || continue
+    echo "$name $seed $rest"
+  done
+}
+
+finetune_one() {  # finetune_one NAME SEED OVERRIDES...
+  local name=$1 seed=$2; shift 2
+  local dir="$exp/$name/seed$seed"
+  [ -f "$dir/.trained" ] && { log "$name seed $seed already fine-tuned"; return 0; }
+  mkdir -p "$dir"
+  # Start from the pre-trained checkpoint: the epoch counter continues from it, so
+  # number_of_epochs = pretrain + finetune epochs. Copied once; later runs resume their own.
+  [ -d "$dir/save" ] || cp -r "$exp/pretrain/save" "$dir/save"
+  OMP_NUM_THREADS=$threads launch_train "$dir" --mode train --seed "$seed" "$@" >> "$dir/train.log" 2>&1 \
+    || { log "FAILED: $name seed $seed (see $dir/train.log)"; return 1; }
+  touch "$dir/.trained"
+  log "fine-tuned $name seed $seed"
+}
+
+stage_finetune() {
+  threads=$(( $(nproc) / jobs )); [ "$threads" -ge 1 ] || threads=1
+  local running=0 failed=0
+  while read -r name seed rest; do
+    # shellcheck disable=SC2086
+    finetune_one "$name" "$seed" $rest &
+    running=$((running + 1))
+    if [ "$running" -ge "$jobs" ]; then wait -n || failed=1; running=$((running - 1)); fi
+  done < <(planned_runs)
+  while [ "$running" -gt 0 ]; do wait -n || failed=1; running=$((running - 1)); done
+  [ "$failed" -eq 0 ] || die "some fine-tuning runs failed (see the FAILED lines)"
+}
+
+stage_decode_grid() {
+  while read -r name seed rest; do
+    local dir="$exp/$name/seed$seed"
+    [ -f "$dir/hyps/.done" ] && continue
+    # shellcheck disable=SC2086
+    launch_train "$dir" --mode decode --decode_checkpoint last --seed "$seed" $rest >> "$dir/decode.log" 2>&1 \
+      || die "decoding $name seed $seed failed; see $dir/decode.log"
+    touch "$dir/hyps/.done"
+  done < <(planned_runs)
+}
+
+seeds_override=$([ "$seeds" != "1" ] && echo "$seeds" || true)
+mkdir -p "$exp" "$data"
+if in_stage 0 "corpus"; then corpus_prepare; fi
+if in_stage 1 "manifests"; then corpus_manifests; fi
+if in_stage 2 "canaries (holdout 4,000)"; then stage_canaries; fi
+if in_stage 3 "tokenizer"; then stage_tokenizer; fi
+if in_stage 4 "pre-train without canaries"; then stage_pretrain; fi
+if in_stage 5 "per-core norm quantiles of the pre-trained model"; then stage_quantiles; fi
+if in_stage 6 "fine-tune the grid with canaries ($jobs at a time)"; then stage_finetune; fi
+if in_stage 7 "decode"; then stage_decode_grid; fi
+if in_stage 8 "score -> $exp/RESULTS.md"; then
+  study_py score "$study" --exp "$exp" --canaries "$data/canaries/canaries.csv" \
+    --holdout "$data/canaries/holdout.csv" --quantiles "$exp/quantiles"
+fi
+log "done (stages $stage..$stop_stage)"

@@ -1,0 +1,185 @@
+"""The mitigation study: a grid of clipping configurations fine-tuned from one pre-trained model.
+
+``egs/mini_tts/run_study.sh`` drives it; this module plans the runs and scores them.
+
+    python -m privasr.study plan conf/study.yaml --quantiles exp_study/quantiles   # one run per line
+    python -m privasr.study score conf/study.yaml --exp exp_study --canaries ... --holdout ...
+
+A configuration is ``{clipping, per_core, bound?, overrides?}``; ``bound`` may be a number or
+``p10``/``p50``: that quantile of the per-core norms of the pre-trained model at the same
+per-core batch B and loss normalization (``<quantiles>/B<b>_<loss_reduction>.json``, written by
+``privasr-norm-quantiles``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from privasr.exposure import markdown_table, plot_exposure, summarize_by_insertions
+from privasr.results import collect, mean_std
+
+REQUIRED = ("total_batch", "pretrain_epochs", "finetune_epochs", "seeds", "configs")
+
+
+def load_study(path: str | Path) -> dict:
+    with open(path) as f:
+        study = yaml.safe_load(f)
+    missing = [k for k in REQUIRED if k not in study]
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing}")
+    for name, cfg in study["configs"].items():
+        if cfg.get("clipping") not in ("none", "global", "pcc", "apcc", "pec"):
+            raise ValueError(f"{path}: config {name}: clipping must be none|global|pcc|apcc|pec")
+        if study["total_batch"] % int(cfg.get("per_core", 1)) != 0:
+            raise ValueError(f"{path}: config {name}: per_core must divide total_batch {study['total_batch']}")
+    return study
+
+
+def quantile_file(quantiles_dir: Path, per_core: int, loss_reduction: str) -> Path:
+    return Path(quantiles_dir) / f"B{per_core}_{loss_reduction}.json"
+
+
+def needed_quantiles(study: dict) -> list[tuple[int, str]]:
+    """The (B, loss_reduction) pairs whose norm quantiles some configuration's bound refers to."""
+    pairs = set()
+    for cfg in study["configs"].values():
+        if isinstance(cfg.get("bound"), str):
+            pairs.add((int(cfg["per_core"]), cfg.get("overrides", {}).get("loss_reduction", "mean")))
+    return sorted(pairs)
+
+
+def resolve_bound(cfg: dict, quantiles_dir: Path) -> float | None:
+    bound = cfg.get("bound")
+    if bound is None or isinstance(bound, (int, float)):
+        return bound
+    reduction = cfg.get("overrides", {}).get("loss_reduction", "mean")
+    path = quantile_file(quantiles_dir, int(cfg["per_core"]), reduction)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: measure the norm quantiles first (study stage 5)")
+    table = json.loads(path.read_text())
+    return table[str(cfg["per_core"])][bound]
+
+
+def run_overrides(study: dict, name: str, quantiles_dir: Path) -> list[str]:
+    """train.py overrides of one configuration (the fine-tuning epochs count from the pre-training)."""
+    cfg = study["configs"][name]
+    per_core = int(cfg.get("per_core", 1))
+    args = [f"--clipping={cfg['clipping']}", f"--batch_size={study['total_batch']}",
+            f"--virtual_cores={study['total_batch'] // per_core}",
+            f"--number_of_epochs={study['pretrain_epochs'] + study['finetune_epochs']}"]
+    bound = resolve_bound(cfg, quantiles_dir)
+    if bound is not None:
+        args.append(f"--clip_bound={bound:.6g}")
+    args += [f"--{k}={v}" for k, v in cfg.get("overrides", {}).items()]
+    return args
+
+
+def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: Path) -> Path:
+    """exp/RESULTS.md of the study: one row per configuration, plots against B and bound."""
+    names, seeds = list(study["configs"]), [str(s) for s in study["seeds"]]
+    done = [n for n in names if all((exp / n / f"seed{s}" / "hyps" / "canaries.csv").exists() for s in seeds)]
+    if not done:
+        raise FileNotFoundError(f"no configuration of {exp} is decoded for every seed yet")
+    results = collect(exp, canaries, holdout, done, seeds)
+    holdout_size = results[done[0]][0]["exposure"]["cer"]["holdout_size"]
+    lines = ["# Mitigation study", "", f"Configurations decoded for all seeds {seeds}: {len(done)} of {len(names)}; "
+             f"holdout |R| = {holdout_size} (ceiling {math.log2(holdout_size):.2f} bits).", ""]
+    for metric, label in (("cer", "CER"), ("score", "loss")):
+        pooled = {n: _pooled(results[n], metric) for n in done}
+        lines += [f"## Exposure ranked by {label} (mean ± std over canaries × seeds)", "",
+                  markdown_table(pooled).rstrip(), ""]
+        _plot_against(study, pooled, exp / f"exposure_vs_B_{metric}.png", "per_core", "per-core batch B", quantiles_dir)
+        _plot_against(study, pooled, exp / f"exposure_vs_bound_{metric}.png", "bound", "clip bound b", quantiles_dir)
+        plot_exposure(pooled, exp / f"exposure_{metric}.png", math.log2(holdout_size), f"Exposure by {label}")
+    lines += ["## WER (%) and generalization gap (mean ± std over seeds)", "",
+              "| configuration | B | bound | test WER | dev WER | gap (test − train) |", "|---|---|---|---|---|---|"]
+    for n in done:
+        cfg, runs = study["configs"][n], results[n]
+        bound = resolve_bound(cfg, quantiles_dir)
+        lines.append(f"| {n} | {cfg.get('per_core')} | {'–' if bound is None else f'{bound:.3g}'} | "
+                     f"{mean_std([r['wer'].get('test') for r in runs])} | {mean_std([r['wer'].get('dev') for r in runs])} | "
+                     f"{mean_std([r['wer'].get('gap') for r in runs])} |")
+    lines += ["", "Plots: exposure_vs_B_*.png (a line per insertion count), exposure_vs_bound_*.png, exposure_*.png."]
+    path = exp / "RESULTS.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _pooled(runs: list[dict], metric: str) -> dict:
+    insertions = [e["insertions"] for r in runs for e in r["exposure"][metric]["per_canary"]]
+    exposures = [e["exposure"] for r in runs for e in r["exposure"][metric]["per_canary"]]
+    return summarize_by_insertions(insertions, exposures)
+
+
+def _plot_against(study, pooled, path, key, xlabel, quantiles_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    counts = sorted({k for summary in pooled.values() for k in summary})
+    for method in ("pcc", "apcc", "pec"):
+        for count in counts:
+            points = []
+            for name, summary in pooled.items():
+                cfg = study["configs"][name]
+                x = cfg.get("per_core") if key == "per_core" else resolve_bound(cfg, quantiles_dir)
+                if cfg["clipping"] == method and x is not None and count in summary:
+                    points.append((x, summary[count]["mean"]))
+            if points:
+                points.sort()
+                ax.plot(*zip(*points), marker="o", label=f"{method} ×{count}")
+    for name, summary in pooled.items():
+        if study["configs"][name]["clipping"] == "none":
+            for count in counts:
+                if count in summary:
+                    ax.axhline(summary[count]["mean"], linestyle=":", color="gray")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("exposure (bits)")
+    ax.set_title("dotted: baseline")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Plan or score the mitigation study")
+    sub = p.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="print 'name seed overrides...' per run")
+    plan.add_argument("study")
+    plan.add_argument("--quantiles", required=True, type=Path)
+    need = sub.add_parser("quantiles-needed", help="print 'B loss_reduction' pairs to measure")
+    need.add_argument("study")
+    sc = sub.add_parser("score")
+    sc.add_argument("study")
+    for name in ("--exp", "--canaries", "--holdout", "--quantiles"):
+        sc.add_argument(name, required=True, type=Path)
+    args = p.parse_args(argv)
+    try:
+        study = load_study(args.study)
+        if args.command == "quantiles-needed":
+            for b, reduction in needed_quantiles(study):
+                print(b, reduction)
+        elif args.command == "plan":
+            for name in study["configs"]:
+                for seed in study["seeds"]:
+                    print(name, seed, *run_overrides(study, name, args.quantiles))
+        else:
+            print(score(study, args.exp, args.canaries, args.holdout, args.quantiles).read_text())
+    except (OSError, ValueError, KeyError) as err:
+        print(f"privasr.study: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
