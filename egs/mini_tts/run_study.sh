@@ -4,11 +4,15 @@
 # quantiles), decode, and write exp_study/RESULTS.md. Resumable: re-run the same command.
 #   egs/mini_tts/run_study.sh --jobs 2            # two fine-tunings at a time (1 thread each)
 #   egs/mini_tts/run_study.sh --stage 6 --configs "baseline pcc_B2_p10" --seeds "1"
+#   egs/mini_tts/run_study.sh --quick true        # minutes: tiny corpus and model, conf/study_quick.yaml
 # Stages: 0 corpus, 1 manifests, 2 canaries (holdout 4,000), 3 tokenizer, 4 pre-train,
 #         5 norm quantiles, 6 fine-tune grid, 7 decode, 8 score.
 cd "$(dirname "$0")"
 recipe=recipes/mini_tts/ASR/conformer
 hparams=hparams/conformer_ctc.yaml
+extra_options="study jobs configs corpus_args canary_args quick"
+source ../lib/stages.sh   # the library's defaults first, then this driver's
+source corpus.sh
 study=conf/study.yaml
 data=data_study
 exp=exp_study
@@ -18,10 +22,14 @@ configs=""        # empty: every configuration of $study
 corpus_args="--num-train 3000 --num-dev 200 --num-test 200"
 canary_args="--per-count 10 --holdout 4000"
 tokenizer_args="--vocab-size 40 --model-type char"
-extra_options="study jobs configs corpus_args canary_args"
-source ../lib/stages.sh
-source corpus.sh
+quick=false
 parse_options "$@"
+if [ "$quick" = true ]; then
+  study=conf/study_quick.yaml; data=${data/#data_study/data_study_quick}; exp=${exp/#exp_study/exp_study_quick}
+  corpus_args="--num-train 120 --num-dev 20 --num-test 20"
+  canary_args="--per-count 2 --counts 1 4 --holdout 20"
+  train_args="--train_eval_size=20 --model_size=tiny $train_args"
+fi
 methods=baseline  # the stage library's method list is not used here
 
 study_py() { $python -m privasr.study "$@"; }
@@ -36,12 +44,14 @@ stage_pretrain() {
 
 stage_quantiles() {
   mkdir -p "$exp/quantiles"
+  local per_core reduction
   study_py quantiles-needed "$study" | while read -r per_core reduction; do
     local out="$exp/quantiles/B${per_core}_${reduction}.json"
     [ -f "$out" ] && { log "norm quantiles B=$per_core ($reduction) already measured"; continue; }
     privasr-norm-quantiles "$PRIVASR_ROOT/$recipe/$hparams" --per-core "$per_core" --batches 30 --json "$out" -- \
       --output_folder "$exp/pretrain" --data_folder "$data" --tokenizer_dir "$data/tokenizer" \
-      --train_csv "$data/train.csv" --loss_reduction "$reduction" 2>> "$exp/quantiles.log" | sed 's/^/    /'
+      --train_csv "$data/train.csv" --loss_reduction "$reduction" $train_args < /dev/null 2>> "$exp/quantiles.log" \
+      | sed 's/^/    /' || die "measuring norm quantiles failed; see $exp/quantiles.log"
   done
 }
 

@@ -1,0 +1,35 @@
+"""The mitigation-study driver end to end in its quick configuration, and its planning rules."""
+import os
+import subprocess
+
+import pytest
+
+from privasr.study import load_study, needed_quantiles, run_overrides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY = os.path.join(ROOT, "egs", "mini_tts", "conf", "study.yaml")
+
+
+def test_plan_keeps_the_total_batch_and_resolves_quantile_bounds(tmp_path):
+    study = load_study(STUDY)
+    (tmp_path / "B2_mean.json").write_text('{"2": {"p10": 0.5, "p50": 1.25}}')
+    args = run_overrides(study, "pcc_B2_p50", tmp_path)
+    assert "--virtual_cores=8" in args and "--batch_size=16" in args and "--clip_bound=1.25" in args
+    assert f"--number_of_epochs={study['pretrain_epochs'] + study['finetune_epochs']}" in args
+    assert "--clip_bound" not in " ".join(run_overrides(study, "apcc_B2", tmp_path))
+    assert (2, "sum") in needed_quantiles(study) and (1, "mean") in needed_quantiles(study)
+    with pytest.raises(FileNotFoundError, match="norm quantiles"):
+        run_overrides(study, "pcc_B8_p10", tmp_path)
+
+
+def test_quick_study_end_to_end(tmp_path):
+    cmd = ["bash", os.path.join(ROOT, "egs", "mini_tts", "run_study.sh"), "--quick", "true", "--jobs", "2",
+           "--data", str(tmp_path / "data"), "--exp", str(tmp_path / "exp")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (tmp_path / "exp" / "RESULTS.md").read_text()
+    for name in ("baseline", "pec_p50", "pcc_B2_p10", "apcc_B2"):
+        assert f"| {name} |" in report
+    assert (tmp_path / "exp" / "exposure_vs_B_cer.png").exists()
+    # fine-tuning continued from the pre-trained checkpoint: one more epoch, not a fresh start
+    assert "epoch: 2" in (tmp_path / "exp" / "pcc_B2_p10" / "seed1" / "train_log.txt").read_text()
