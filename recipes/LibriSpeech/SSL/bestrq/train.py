@@ -1,0 +1,1 @@
+../../../mini_tts/SSL/bestrq/train.py
