@@ -24,7 +24,7 @@ import yaml
 from privasr.exposure import markdown_table, plot_exposure, summarize_by_insertions
 from privasr.results import collect, mean_std
 
-REQUIRED = ("total_batch", "pretrain_epochs", "finetune_epochs", "seeds", "configs")
+REQUIRED = ("total_batch", "pretrain_epochs", "finetune_epochs", "quantile_batches", "seeds", "configs")
 
 
 def load_study(path: str | Path) -> dict:
@@ -159,6 +159,9 @@ def main(argv=None) -> int:
     plan.add_argument("--quantiles", required=True, type=Path)
     need = sub.add_parser("quantiles-needed", help="print 'B loss_reduction' pairs to measure")
     need.add_argument("study")
+    get = sub.add_parser("get", help="print one top-level setting of the study")
+    get.add_argument("study")
+    get.add_argument("key")
     sc = sub.add_parser("score")
     sc.add_argument("study")
     for name in ("--exp", "--canaries", "--holdout", "--quantiles"):
@@ -166,7 +169,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         study = load_study(args.study)
-        if args.command == "quantiles-needed":
+        if args.command == "get":
+            print(study[args.key])
+        elif args.command == "quantiles-needed":
             for b, reduction in needed_quantiles(study):
                 print(b, reduction)
         elif args.command == "plan":

@@ -36,7 +36,7 @@ study_py() { $python -m privasr.study "$@"; }
 
 stage_pretrain() {
   if [ -f "$exp/pretrain/.trained" ]; then log "pre-training already done"; return; fi
-  local epochs; epochs=$($python -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['pretrain_epochs'])" "$study")
+  local epochs; epochs=$(study_py get "$study" pretrain_epochs)
   launch_train "$exp/pretrain" --mode train --clipping none --virtual_cores 1 --train_csv "$data/train.csv" \
     --number_of_epochs "$epochs" >> "$exp/pretrain.log" 2>&1 || die "pre-training failed; see $exp/pretrain.log"
   touch "$exp/pretrain/.trained"
@@ -44,11 +44,12 @@ stage_pretrain() {
 
 stage_quantiles() {
   mkdir -p "$exp/quantiles"
-  local per_core reduction
+  local per_core reduction batches
+  batches=$(study_py get "$study" quantile_batches)
   study_py quantiles-needed "$study" | while read -r per_core reduction; do
     local out="$exp/quantiles/B${per_core}_${reduction}.json"
     [ -f "$out" ] && { log "norm quantiles B=$per_core ($reduction) already measured"; continue; }
-    privasr-norm-quantiles "$PRIVASR_ROOT/$recipe/$hparams" --per-core "$per_core" --batches 30 --json "$out" -- \
+    privasr-norm-quantiles "$PRIVASR_ROOT/$recipe/$hparams" --per-core "$per_core" --batches "$batches" --json "$out" -- \
       --output_folder "$exp/pretrain" --data_folder "$data" --tokenizer_dir "$data/tokenizer" \
       --train_csv "$data/train.csv" --loss_reduction "$reduction" $train_args < /dev/null 2>> "$exp/quantiles.log" \
       | sed 's/^/    /' || die "measuring norm quantiles failed; see $exp/quantiles.log"
