@@ -25,11 +25,27 @@ Subclasses implement two methods for training (evaluation keeps SpeechBrain's
 
 Hyper-parameters read from ``hparams`` (all declared in the recipe YAML):
 ``clipping``, ``clip_bound``, ``virtual_cores``, ``reduction``, ``core_grad_mode``
-(``vmap`` | ``loop``), ``log_every_n_steps``, ``tensorboard_dir`` (optional).
+(``vmap`` | ``loop``), ``log_every_n_steps``, ``tensorboard_dir`` (optional), and
+SpeechBrain's ``nonfinite_patience``, ``ckpt_interval_minutes`` / ``ckpt_interval_steps``.
+
+Faults (see :mod:`privasr.resume` and :mod:`privasr.faults`):
+
+* resuming is exact: the checkpointer is made atomic, and the RNG states of every process
+  (:class:`privasr.resume.RandomState`) and :class:`RunCounters` are checkpointed with the
+  model, optimizer, data position and step counters; intra-epoch checkpoints are taken
+  only between optimizer steps (never inside gradient accumulation);
+  ``ckpt_interval_steps > 0`` replaces ``ckpt_interval_minutes``;
+* a core with a NaN/Inf gradient is dropped, counted and logged with its index; a step
+  whose every core is non-finite is skipped; more than ``nonfinite_patience`` skipped
+  steps in a run raise :class:`privasr.faults.NonFiniteGradientsError`;
+* ``pcc``/``pec``/``global`` with a bound that clipped nothing in the first epoch are
+  warned about, with the measured norms (such a run is unclipped training).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from typing import Optional
 
 import speechbrain as sb
@@ -37,7 +53,9 @@ import torch
 
 from privasr.clipping import AggregationStats, check_method
 from privasr.distributed import CoreAccumulator, broadcast_parameters, gather_norms, world_info
+from privasr.faults import NonFiniteGradientsError
 from privasr.per_sample import shard_grads_loop, shard_grads_vmap, trainable_parameters
+from privasr.resume import PerRankState, RandomState, make_atomic, register_per_rank, seed_for_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -76,36 +94,96 @@ class ClippingConfig:
                    get("reduction", "mean"), get("core_grad_mode", "loop"))
 
 
-@sb.utils.checkpoints.register_checkpoint_hooks
-class RunCounters:
-    """Fault counters that must survive a resume: skipped steps, dropped cores, inf-loss utterances."""
+@register_per_rank
+class RunCounters(PerRankState):
+    """Fault counters that must survive a resume: skipped steps, dropped cores, inf-loss utterances.
+
+    Kept per process (dropped cores and infeasible utterances are those of this rank's
+    shards; skipped steps are the same on every rank) and checkpointed per rank.
+    """
 
     def __init__(self):
         self.skipped_steps = 0
         self.dropped_cores = 0
         self.infinite_loss_utterances = 0
 
-    @sb.utils.checkpoints.mark_as_saver
-    def _save(self, path):
-        torch.save(vars(self), path)
+    def state_dict(self) -> dict:
+        return dict(vars(self))
 
-    @sb.utils.checkpoints.mark_as_loader
-    def _load(self, path, end_of_epoch=False):
-        vars(self).update(torch.load(path))
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+class ClippingMonitor:
+    """How often clipping acted during an epoch, to catch a bound that never clips.
+
+    ``pcc``/``pec`` clip a core when its norm exceeds the bound; ``global`` clips the
+    aggregate. With a bound above every norm the run is plain unclipped training, which a
+    privacy toolkit must not let pass silently.
+    """
+
+    def __init__(self):
+        self.norms: list[torch.Tensor] = []
+        self.clipped = 0
+
+    def add(self, stats: AggregationStats, aggregate_norm: Optional[float] = None) -> None:
+        """Record one step: per-core norms, or the aggregate's norm (global clipping)."""
+        if aggregate_norm is not None:
+            self.norms.append(torch.tensor([aggregate_norm], dtype=torch.float64))
+            self.clipped += int(stats.global_factor < 1.0)
+            return
+        norms = stats.core_norms.to(torch.float64)
+        finite = torch.isfinite(norms)
+        self.norms.append(norms[finite])
+        self.clipped += int(((stats.factors < 1.0) & finite & (norms > 0)).sum())
+
+    def summary(self) -> tuple[int, torch.Tensor]:
+        """``(number clipped, every norm)`` over all processes (a collective)."""
+        local = torch.cat(self.norms) if self.norms else torch.zeros(0, dtype=torch.float64)
+        norms = gather_norms(local)
+        clipped = [self.clipped]
+        if world_info()[1] > 1:
+            clipped = [None] * world_info()[1]
+            torch.distributed.all_gather_object(clipped, self.clipped)
+        return sum(clipped), norms
+
+
+def _one_checkpoint_interval(hparams, run_opts):
+    """``ckpt_interval_steps > 0`` replaces ``ckpt_interval_minutes`` (SpeechBrain refuses both)."""
+    def get(source, name):
+        if source is None:
+            return 0
+        value = source.get(name, 0) if isinstance(source, dict) else getattr(source, name, 0)
+        return value or 0
+
+    if max(get(hparams, "ckpt_interval_steps"), get(run_opts, "ckpt_interval_steps")) <= 0:
+        return hparams, run_opts
+    if get(hparams, "ckpt_interval_minutes") > 0:
+        hparams = {**hparams, "ckpt_interval_minutes": 0}
+    if get(run_opts, "ckpt_interval_minutes") > 0:
+        run_opts = ({**run_opts, "ckpt_interval_minutes": 0} if isinstance(run_opts, dict)
+                    else dataclasses.replace(run_opts, ckpt_interval_minutes=0))
+    return hparams, run_opts
 
 
 class PrivateBrain(sb.Brain):
     """``sb.Brain`` with per-core (or per-example) clipping in ``fit_batch``."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
+        hparams, run_opts = _one_checkpoint_interval(hparams, run_opts)
+        super().__init__(modules, opt_class, hparams, run_opts, make_atomic(checkpointer))
         self.clip_config = ClippingConfig.from_hparams(self.hparams)
         self._accumulator: Optional[CoreAccumulator] = None
         self._tb_writer = None
         self.counters = RunCounters()
+        self.random_state = RandomState()
         if self.checkpointer is not None:
             self.checkpointer.add_recoverable("run_counters", self.counters)
+            # optional: checkpoints written before RNG states were saved still load
+            self.checkpointer.add_recoverable("random_state", self.random_state, optional_load=True)
         self.last_stats: Optional[AggregationStats] = None
+        self._clip_monitor: Optional[ClippingMonitor] = (
+            ClippingMonitor() if self.clip_config.clipping in ("pcc", "pec", "global") else None)
 
     # -- the two methods a recipe implements -------------------------------------------
     def batch_to_tensors(self, batch) -> tuple:
@@ -118,6 +196,39 @@ class PrivateBrain(sb.Brain):
     def _wrap_distributed(self):
         """Keep modules unwrapped (DDP would all-reduce unclipped gradients); sync start."""
         broadcast_parameters(self.modules)
+
+    # -- data order and checkpoints ------------------------------------------------------
+    def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        """SpeechBrain's loaders; the training loader draws its per-epoch seed from its own generator.
+
+        A ``DataLoader`` draws its workers' base seed from the global torch RNG at the start
+        of every epoch; a dedicated generator, reseeded from ``(seed, epoch)`` by
+        :meth:`_fit_train`, keeps that draw out of the streams a resume restores.
+        """
+        own_generator = stage == sb.Stage.TRAIN and loader_kwargs.get("generator") is None
+        if own_generator:
+            loader_kwargs = {**loader_kwargs, "generator": torch.Generator()}
+        loader = super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+        if own_generator:
+            loader.privasr_epoch_generator = loader_kwargs["generator"]
+        return loader
+
+    def _fit_train(self, train_set, epoch, enable):
+        generator = getattr(train_set, "privasr_epoch_generator", None)
+        if generator is not None:
+            generator.manual_seed(seed_for_epoch(self._seed(), epoch))
+        super()._fit_train(train_set, epoch, enable)
+        self._check_clipping_acted(epoch)
+
+    def _seed(self) -> int:
+        seed = getattr(self.hparams, "seed", None)
+        return int(seed if isinstance(seed, int) else os.environ.get("SB_GLOBAL_SEED", 0))
+
+    def _should_save_intra_epoch_ckpt(self, last_ckpt_time, steps_since_ckpt):
+        """Never inside gradient accumulation: a half-accumulated step is not part of a checkpoint."""
+        if self.step % self.grad_accumulation_factor != 0:
+            return False
+        return super()._should_save_intra_epoch_ckpt(last_ckpt_time, steps_since_ckpt)
 
     # -- the training step ------------------------------------------------------------
     def fit_batch(self, batch):
@@ -156,25 +267,56 @@ class PrivateBrain(sb.Brain):
         grads, stats = self._accumulator.reduce()
         self._accumulator = None
         self.last_stats = stats
+        # Steps attempted so far, this one included: a skipped step does not advance optimizer_step.
+        attempt = self.optimizer_step + self.counters.skipped_steps + 1
         self.counters.dropped_cores += len(stats.dropped)
         if stats.dropped:
-            logger.warning("dropped %d core(s) with non-finite gradients (local indices %s)",
-                           len(stats.dropped), stats.dropped)
+            rank, world_size = world_info()
+            logger.warning("step %d: dropped %d of %d core(s)%s with a NaN/Inf gradient (core index %s)",
+                           attempt, len(stats.dropped), stats.num_cores,
+                           f" of rank {rank}" if world_size > 1 else "", stats.dropped)
         if stats.skipped:
             self.counters.skipped_steps += 1
-            logger.warning("every core was non-finite: optimizer step skipped (%d so far)",
-                           self.counters.skipped_steps)
+            logger.warning("step %d: every core was non-finite: optimizer step skipped (%d so far, patience %d)",
+                           attempt, self.counters.skipped_steps, self.nonfinite_patience)
             self._check_nonfinite_patience()
         else:
             self._step_optimizers(grads)
+            self._monitor_clipping(stats, grads)
         self._log_step(stats)
 
     def _check_nonfinite_patience(self) -> None:
         if self.counters.skipped_steps > self.nonfinite_patience:
-            raise RuntimeError(
-                f"{self.counters.skipped_steps} optimizer steps skipped because every core's gradient was non-finite "
-                f"(patience nonfinite_patience={self.nonfinite_patience}); stopping"
+            raise NonFiniteGradientsError(
+                f"training stopped: {self.counters.skipped_steps} optimizer steps skipped because every core's "
+                f"gradient was NaN/Inf (more than nonfinite_patience={self.nonfinite_patience}); check the data "
+                f"and the learning rate, or raise --nonfinite_patience"
             )
+
+    # -- a bound that never clips -----------------------------------------------------------
+    def _monitor_clipping(self, stats: AggregationStats, grads) -> None:
+        if self._clip_monitor is None:
+            return
+        aggregate = None
+        if self.clip_config.clipping == "global":
+            squares = [g.detach().to(torch.float64).pow(2).sum() for g in grads if g is not None]
+            aggregate = float(torch.stack(squares).sum().sqrt()) / stats.global_factor if squares else 0.0
+        self._clip_monitor.add(stats, aggregate)
+
+    def _check_clipping_acted(self, epoch) -> None:
+        """After the first epoch this process trains: warn (once) if the bound clipped nothing."""
+        monitor, self._clip_monitor = self._clip_monitor, None
+        if monitor is None:
+            return
+        clipped, norms = monitor.summary()  # collective: every rank takes part
+        if clipped or norms.numel() == 0 or world_info()[0] != 0:
+            return
+        what = "aggregate gradient norms" if self.clip_config.clipping == "global" else "per-core gradient norms"
+        logger.warning(
+            "clip_bound=%g never clipped in epoch %s: the %d %s were %.4g..%.4g (median %.4g), so '%s' trained "
+            "exactly like clipping 'none'; choose a bound below the norms, e.g. --clip_bound %.3g",
+            self.clip_config.clip_bound, epoch, norms.numel(), what, float(norms.min()), float(norms.max()),
+            float(norms.median()), self.clip_config.clipping, float(norms.median()))
 
     def _step_optimizers(self, grads) -> None:
         for (_, param), g in zip(trainable_parameters(self.modules), grads):

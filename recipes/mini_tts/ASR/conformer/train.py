@@ -4,51 +4,111 @@
     python train.py hparams/conformer_ctc.yaml --clipping pcc --clip_bound 2.5
     torchrun --nproc_per_node 2 train.py hparams/conformer_ctc.yaml --clipping apcc --virtual_cores 4
 
-Re-running the same command resumes from the last checkpoint. ``--mode decode`` (or the
-default ``train_and_decode``) loads the best checkpoint and writes ``ID,hyp,ref,score`` (score = per-utterance loss) for the
-test, dev, canary and holdout sets into ``<output_folder>/hyps/`` for exposure scoring.
+``--mode decode`` (or the default ``train_and_decode``) loads the best checkpoint and writes
+``ID,hyp,ref,score`` (score = per-utterance loss) for the test, dev, canary and holdout sets
+into ``<output_folder>/hyps/`` for exposure scoring.
+
+Resuming: re-running the same command after a crash or a kill (even SIGKILL, even during a
+checkpoint save) continues from the last checkpoint and ends with the same model as an
+uninterrupted run (bit-identical on CPU): model, optimizer, epoch and step counters, data
+position, the RNG states of every process and the fault counters are checkpointed, and a
+checkpoint is written completely or not at all. Checkpoints are taken every
+``ckpt_interval_minutes``, or every ``ckpt_interval_steps`` batches when that is > 0, and at
+the end of every epoch.
+
+Multi-node, surviving the loss of a worker: run the same command on every node, e.g. 2 nodes
+x 8 GPUs = 16 processes (x ``virtual_cores 8`` = the paper's 128 cores)::
+
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29400 \\
+        --rdzv_id pcc-seed1 --max-restarts 3 \\
+        train.py hparams/conformer_ctc.yaml --output_folder /shared/exp/pcc/seed1 --virtual_cores 8
+
+Export ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` first (``egs/lib/stages.sh`` does): with
+torchrun's shared rendezvous store a restarted worker can read the previous attempt's
+addresses and fail to connect (pytorch/pytorch#135712).
+``HOST`` is one of the nodes (reachable from all); ``output_folder`` must be on storage that
+every node sees (rank 0 writes the checkpoints, every rank reads them to resume). When a
+worker dies or a node is pre-empted, torchrun stops the other workers and starts them all
+again, up to ``--max-restarts`` times; training resumes from the last checkpoint, so at most
+``ckpt_interval_minutes`` of work is repeated. Restart on the same number of processes:
+with ``--nnodes MIN:MAX`` an elastic restart may continue on fewer, and then the data
+partition, the RNG streams and the number of cores C = processes x ``virtual_cores`` that
+clipping sees all change (the run completes, but is not the uninterrupted run).
+
+Errors: bad input (unknown or mistyped option, a broken manifest, missing, unreadable or
+wrong-rate audio, an invalid clipping setting) ends with one line ``train.py: error: ...``
+and exit status 2 before anything is written; a run whose gradients stay NaN/Inf beyond
+``nonfinite_patience`` skipped steps ends with one line and status 1
+(``PRIVASR_DEBUG=1`` shows the traceback instead).
 """
 import sys
+from types import SimpleNamespace
 
 import speechbrain as sb
-from hyperpyyaml import load_hyperpyyaml
 
 from privasr.asr import ASRBrain, make_dataset
+from privasr.brain import ClippingConfig
+from privasr.faults import UserError, load_hparams, parse_arguments, run_cli
+
+MODES = ("train", "decode", "train_and_decode")
+DECODE_CHECKPOINTS = {"best": {"min_key": "WER"}, "last": {"max_key": "epoch"}}
+DECODE_SETS = ("test", "dev", "canaries", "holdout")
 
 
 def main(argv):
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    with open(hparams_file) as f:
-        hparams = load_hyperpyyaml(f, overrides)
+    hparams_file, run_opts, overrides = parse_arguments(argv)
+    hparams = load_hparams(hparams_file, overrides)
+    check_settings(hparams)
+    data = load_datasets(hparams)  # every manifest and audio file checked before anything is written
     sb.utils.distributed.ddp_init_group(run_opts)
     sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides)
-
-    def dataset(csv, sort="ascending", select_n=None):
-        return make_dataset(csv, hparams["tokenizer"], hparams["sample_rate"], sort, hparams["max_duration"], select_n)
-
     brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                      run_opts=run_opts, checkpointer=hparams["checkpointer"])
 
     # 1. Train: per-core gradients -> clip -> one all_reduce -> step (privasr.brain).
-    modes = ("train", "decode", "train_and_decode")
-    if hparams["mode"] not in modes:
-        raise SystemExit(f"train.py: error: unknown mode {hparams['mode']!r}; accepted: {', '.join(modes)}")
     if hparams["mode"] != "decode":
-        brain.fit(hparams["epoch_counter"], dataset(hparams["train_csv"], hparams["sorting"]),
-                  dataset(hparams["dev_csv"]), train_loader_kwargs=hparams["train_dataloader_opts"],
+        brain.fit(hparams["epoch_counter"], data["train"], data["dev"],
+                  train_loader_kwargs=hparams["train_dataloader_opts"],
                   valid_loader_kwargs=hparams["valid_dataloader_opts"])
 
-    # 2. Test WER with the best checkpoint, then transcripts + losses for exposure.
+    # 2. Test WER with the chosen checkpoint, then transcripts + losses for exposure.
     if hparams["mode"] == "train":
         return
-    which = {"best": {"min_key": "WER"}, "last": {"max_key": "epoch"}}[hparams["decode_checkpoint"]]
-    brain.evaluate(dataset(hparams["test_csv"]), test_loader_kwargs=hparams["valid_dataloader_opts"], **which)
+    brain.evaluate(data["test"], test_loader_kwargs=hparams["valid_dataloader_opts"],
+                   **DECODE_CHECKPOINTS[hparams["decode_checkpoint"]])
     if sb.utils.distributed.if_main_process():
-        sets = {name: dataset(hparams[f"{name}_csv"]) for name in ("test", "dev", "canaries", "holdout")}
-        sets["train_eval"] = dataset(hparams["train_eval_csv"], select_n=hparams["train_eval_size"])
-        for name, data in sets.items():
-            brain.transcribe(data, f"{hparams['hyps_folder']}/{name}.csv", hparams["valid_dataloader_opts"])
+        for name in (*DECODE_SETS, "train_eval"):
+            brain.transcribe(data[name], f"{hparams['hyps_folder']}/{name}.csv", hparams["valid_dataloader_opts"])
+
+
+def check_settings(hparams: dict) -> None:
+    """Refuse an unknown mode or decode checkpoint and an invalid clipping configuration."""
+    if hparams["mode"] not in MODES:
+        raise UserError(f"unknown mode {hparams['mode']!r}; accepted: {', '.join(MODES)}")
+    if hparams["decode_checkpoint"] not in DECODE_CHECKPOINTS:
+        raise UserError(f"unknown decode_checkpoint {hparams['decode_checkpoint']!r}; accepted: best, last")
+    try:
+        ClippingConfig.from_hparams(SimpleNamespace(**hparams))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def load_datasets(hparams: dict) -> dict:
+    """The datasets this mode needs, each manifest validated (see :func:`privasr.asr.make_dataset`)."""
+    def dataset(csv, sort="ascending", select_n=None):
+        return make_dataset(csv, hparams["tokenizer"], hparams["sample_rate"], sort, hparams["max_duration"],
+                            select_n, resample=hparams.get("resample_audio", False),
+                            check_audio=hparams.get("check_audio", "all"))
+
+    data = {}
+    if hparams["mode"] != "decode":
+        data["train"] = dataset(hparams["train_csv"], hparams["sorting"])
+        data["dev"] = dataset(hparams["dev_csv"])
+    if hparams["mode"] != "train":
+        data.update({name: dataset(hparams[f"{name}_csv"]) for name in DECODE_SETS})
+        data["train_eval"] = dataset(hparams["train_eval_csv"], select_n=hparams["train_eval_size"])
+    return data
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, sys.argv[1:], prog="train.py"))

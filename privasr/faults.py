@@ -1,0 +1,194 @@
+"""Bad input and failed runs as one clear line: the errors a recipe's ``train.py`` reports.
+
+A recipe wraps its ``main`` with :func:`run_cli`; every problem the user can fix is a
+:class:`UserError` (or becomes one at the boundary where input is read) and ends the
+process with ``train.py: error: <one line>`` on stderr and exit status 2, before anything
+is written. A run that diverges (:class:`NonFiniteGradientsError`) ends the same way
+with status 1; its checkpoints are complete (:mod:`privasr.resume`). ``PRIVASR_DEBUG=1``
+in the environment re-raises instead, for a traceback.
+
+:func:`parse_arguments` and :func:`load_hparams` read the command line and the YAML:
+an override key the YAML does not define is refused with the closest known key
+(``--virtual_core`` -> ``did you mean --virtual_cores?``), and an override whose type
+does not match the YAML's value is refused before anything is built
+(``--virtual_cores abc``: ``expects an integer``).
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io
+import logging
+import os
+import re
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.constructor import DuplicateKeyError, SafeConstructor
+
+__all__ = ["UserError", "NonFiniteGradientsError", "parse_arguments", "check_overrides", "load_hparams",
+           "one_line", "run_cli"]
+
+
+class UserError(Exception):
+    """A problem with the user's input (command line, YAML, manifests, audio); one line."""
+
+
+class NonFiniteGradientsError(RuntimeError):
+    """Training stopped: too many steps whose every core had a NaN/Inf gradient."""
+
+
+# -- command line ---------------------------------------------------------------------------
+def parse_arguments(argv: Sequence[str]):
+    """``speechbrain.parse_arguments``, with argparse's usage + error turned into a :class:`UserError`."""
+    import speechbrain as sb
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return sb.parse_arguments(list(argv))
+    except SystemExit as stop:
+        if stop.code in (0, None):
+            raise
+        lines = [line for line in captured.getvalue().splitlines() if ": error: " in line]
+        raise UserError(lines[-1].split(": error: ", 1)[1] if lines else captured.getvalue().strip()) from None
+
+
+# -- hyper-parameters -----------------------------------------------------------------------
+class _Tagged:
+    """Stands for a value built by a HyperPyYAML tag (``!ref``, ``!new:``...): any type."""
+
+
+class _PlainConstructor(SafeConstructor):
+    """YAML 1.2 plain values, as HyperPyYAML reads them; every tagged value is a :class:`_Tagged`."""
+
+
+_PlainConstructor.add_multi_constructor("!", lambda loader, suffix, node: _Tagged())
+
+
+def _plain_yaml(text) -> Any:
+    reader = YAML(typ="safe", pure=True)
+    reader.Constructor = _PlainConstructor
+    return reader.load(text)
+
+
+def yaml_defaults(hparams_file: str) -> dict:
+    """The top-level keys of a HyperPyYAML file and their plain values."""
+    if not os.path.isfile(hparams_file):
+        raise UserError(f"{hparams_file}: hyper-parameter file not found")
+    with open(hparams_file, encoding="utf-8") as handle:
+        try:
+            data = _plain_yaml(handle)
+        except YAMLError as err:
+            raise UserError(f"{hparams_file}: {_yaml_problem(err)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{hparams_file}: expected a mapping of hyper-parameters")
+    return data
+
+
+def _yaml_problem(err: YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(err, "problem", None) or err).split())
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    if isinstance(default, (_Tagged, dict, list)) or default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if value is None:  # null switches off a float / string setting; integers and flags need a value
+        return not isinstance(default, int)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)  # a string: any scalar
+
+
+def check_overrides(hparams_file: str, overrides: Optional[str]) -> dict:
+    """Refuse override keys the YAML lacks and values of the wrong type; return the parsed overrides."""
+    try:
+        values = _plain_yaml(overrides or "") or {}
+    except DuplicateKeyError as err:
+        key = re.search(r'duplicate key "([^"]+)"', str(err.problem))
+        raise UserError(f"option --{key.group(1) if key else '?'} given more than once") from None
+    except YAMLError as err:
+        raise UserError(f"cannot read the command-line overrides: {_yaml_problem(err)}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"cannot read the command-line overrides {overrides!r}")
+    defaults = yaml_defaults(hparams_file)
+    name = os.path.basename(hparams_file)
+    for key, value in values.items():
+        if key not in defaults:
+            close = difflib.get_close_matches(str(key), [str(k) for k in defaults if not str(k).startswith("_")], 1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise UserError(f"unknown option --{key}: {name} has no such key{hint}")
+        default = defaults[key]
+        if not _type_ok(default, value):
+            kind = _KINDS.get(type(default), type(default).__name__)
+            raise UserError(f"--{key} expects {kind} ({name} has {default!r}), got {value!r}")
+    return values
+
+
+def load_hparams(hparams_file: str, overrides: Optional[str]) -> dict:
+    """Check the overrides (:func:`check_overrides`), then build the HyperPyYAML file's objects."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    check_overrides(hparams_file, overrides)
+    try:
+        with open(hparams_file, encoding="utf-8") as handle:
+            return load_hyperpyyaml(handle, overrides)
+    except Exception as err:  # building the YAML's objects: any failure is a configuration problem
+        if os.environ.get("PRIVASR_DEBUG"):
+            raise
+        raise UserError(f"{hparams_file}: {one_line(err)}") from None
+
+
+# -- reporting ------------------------------------------------------------------------------
+def one_line(err: BaseException) -> str:
+    """An exception as one line, unwrapping errors re-raised from DataLoader worker processes."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if "Original Traceback" in str(text):  # "Caught X in DataLoader worker ...": keep the original message
+        last = lines[-1]
+        prefix, _, message = last.partition(": ")
+        return message if message and " " not in prefix else last
+    return " ".join(lines) if len(lines) <= 2 else lines[0]
+
+
+def _report(prog: str, err: BaseException) -> None:
+    message = one_line(err)
+    rank = os.environ.get("RANK")
+    suffix = f" (rank {rank})" if rank not in (None, "0") else ""
+    print(f"{prog}: error: {message}{suffix}", file=sys.stderr, flush=True)
+
+
+def run_cli(main: Callable[[list], Any], argv: Sequence[str], prog: Optional[str] = None) -> int:
+    """Run ``main(argv)``; a :class:`UserError` -> status 2, a diverged run -> 1, one line on stderr each."""
+    prog = prog or os.path.basename(sys.argv[0]) or "train.py"
+    if not logging.getLogger().handlers:  # until the recipe sets up logging, warnings go to stdout, not stderr
+        logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(name)s - %(message)s")
+    try:
+        main(list(argv))
+    except UserError as err:
+        if os.environ.get("PRIVASR_DEBUG"):
+            raise
+        _report(prog, err)
+        return 2
+    except NonFiniteGradientsError as err:
+        if os.environ.get("PRIVASR_DEBUG"):
+            raise
+        _report(prog, err)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; re-run the same command to resume from the last checkpoint",
+              file=sys.stderr, flush=True)
+        return 130
+    return 0
