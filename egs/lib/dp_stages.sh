@@ -19,9 +19,8 @@ backend_args() {  # several processes without CUDA need SpeechBrain's gloo backe
 }
 
 launch_ssl() {  # launch_ssl OUTPUT_DIR OVERRIDES... : the pre-training recipe's train.py
-  local out=$1; shift
-  local launcher=("$python")
-  [ "$nproc" -gt 1 ] && launcher=("$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc")
+  local out=$1 launcher; shift
+  python_launcher
   # shellcheck disable=SC2206
   local extra=($pretrain_args $(backend_args))
   "${launcher[@]}" "$PRIVASR_ROOT/$ssl_recipe/train.py" "$PRIVASR_ROOT/$ssl_recipe/$ssl_hparams" \

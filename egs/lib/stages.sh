@@ -64,10 +64,19 @@ clipping_of() {  # run-name -> the recipe's --clipping value
 
 run_dir() { echo "$exp/$1/seed$2"; }
 
-launch_train() {  # launch_train OUTPUT_DIR OVERRIDES... : the recipe's train.py on this corpus's data
-  local out=$1; shift
-  local launcher=("$python")
+# torchrun's workers share its rendezvous TCP store by default; after an elastic restart a worker can then read
+# the previous attempt's gloo/NCCL addresses and fail to connect (pytorch/pytorch#135712). A store of their own avoids it.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
+python_launcher() {  # the command that starts a training script: python, or torchrun when --nproc > 1
+  launcher=("$python")
   [ "$nproc" -gt 1 ] && launcher=("$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc")
+  return 0
+}
+
+launch_train() {  # launch_train OUTPUT_DIR OVERRIDES... : the recipe's train.py on this corpus's data
+  local out=$1 launcher; shift
+  python_launcher
   # shellcheck disable=SC2206
   local extra=($train_args)
   "${launcher[@]}" "$PRIVASR_ROOT/$recipe/train.py" "$PRIVASR_ROOT/$recipe/$hparams" --output_folder "$out" \
