@@ -25,8 +25,9 @@ Subclasses implement two methods for training (evaluation keeps SpeechBrain's
 
 Hyper-parameters read from ``hparams`` (all declared in the recipe YAML):
 ``clipping``, ``clip_bound``, ``virtual_cores``, ``reduction``, ``core_grad_mode``
-(``vmap`` | ``loop``), ``log_every_n_steps``, ``tensorboard_dir`` (optional), and
-SpeechBrain's ``nonfinite_patience``, ``ckpt_interval_minutes`` / ``ckpt_interval_steps``.
+(``vmap`` | ``loop``), ``log_every_n_steps``, ``tensorboard_dir`` (optional),
+``core_log_dir`` (optional: each core's norm, clip scale and :meth:`shard_labels` label
+per step, see :mod:`privasr.core_log`), and SpeechBrain's ``nonfinite_patience``, ``ckpt_interval_minutes`` / ``ckpt_interval_steps``.
 
 Faults (see :mod:`privasr.resume` and :mod:`privasr.faults`):
 
@@ -52,6 +53,7 @@ import speechbrain as sb
 import torch
 
 from privasr.clipping import AggregationStats, check_method
+from privasr.core_log import CoreLog
 from privasr.distributed import CoreAccumulator, broadcast_parameters, gather_norms, world_info
 from privasr.faults import NonFiniteGradientsError
 from privasr.per_sample import shard_grads_loop, shard_grads_vmap, trainable_parameters
@@ -182,6 +184,9 @@ class PrivateBrain(sb.Brain):
             # optional: checkpoints written before RNG states were saved still load
             self.checkpointer.add_recoverable("random_state", self.random_state, optional_load=True)
         self.last_stats: Optional[AggregationStats] = None
+        core_log_dir = getattr(self.hparams, "core_log_dir", None)
+        self._core_log = CoreLog(core_log_dir, world_info()[0]) if core_log_dir else None
+        self._core_labels: Optional[list] = []
         self._clip_monitor: Optional[ClippingMonitor] = (
             ClippingMonitor() if self.clip_config.clipping in ("pcc", "pec", "global") else None)
 
@@ -213,12 +218,22 @@ class PrivateBrain(sb.Brain):
             loader.privasr_epoch_generator = loader_kwargs["generator"]
         return loader
 
+    def shard_labels(self, batch, num_shards: int) -> Optional[list]:
+        """Optional: an integer label per core of ``batch`` for the core log (e.g. its canary count).
+
+        ``None`` (the default) logs nothing. See :mod:`privasr.core_log`; shards are split as
+        :func:`privasr.core_log.shard_partition` splits the batch's examples.
+        """
+        return None
+
     def _fit_train(self, train_set, epoch, enable):
         generator = getattr(train_set, "privasr_epoch_generator", None)
         if generator is not None:
             generator.manual_seed(seed_for_epoch(self._seed(), epoch))
         super()._fit_train(train_set, epoch, enable)
         self._check_clipping_acted(epoch)
+        if self._tb_writer is not None:  # an epoch's statistics on disk now, not at the writer's next timer
+            self._tb_writer.flush()
 
     def _seed(self) -> int:
         seed = getattr(self.hparams, "seed", None)
@@ -237,6 +252,10 @@ class PrivateBrain(sb.Brain):
         tensors = self.batch_to_tensors(batch)
         if self._accumulator is None:
             self._accumulator = self._new_accumulator()
+            self._core_labels = []
+        if self._core_log is not None:
+            labels = self.shard_labels(batch, self.clip_config.num_shards(tensors[0].shape[0]))
+            self._core_labels = None if labels is None or self._core_labels is None else self._core_labels + labels
         with self.training_ctx:
             loss = self._accumulate_cores(tensors)
         if should_step:
@@ -269,6 +288,8 @@ class PrivateBrain(sb.Brain):
         self.last_stats = stats
         # Steps attempted so far, this one included: a skipped step does not advance optimizer_step.
         attempt = self.optimizer_step + self.counters.skipped_steps + 1
+        if self._core_log is not None and self._core_labels and len(self._core_labels) == stats.num_cores:
+            self._core_log.add(attempt, stats.core_norms.tolist(), stats.factors.tolist(), self._core_labels)
         self.counters.dropped_cores += len(stats.dropped)
         if stats.dropped:
             rank, world_size = world_info()

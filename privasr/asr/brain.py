@@ -18,6 +18,9 @@ import torch
 from tqdm import tqdm
 
 from privasr.brain import PrivateBrain
+from privasr.canaries import canary_id_of
+from privasr.core_log import shard_partition
+from privasr.data.manifest import read_manifest
 from privasr.decoding import ctc_greedy_decode, ctc_prefix_beam_search
 from privasr.metrics import cer, wer
 
@@ -36,8 +39,17 @@ def ctc_infeasible(out_frames: torch.Tensor, tokens: torch.Tensor, token_lens: t
     return out_frames < token_lens + repeats.sum(1)
 
 
+def canary_insertions(canaries_csv) -> dict[str, int]:
+    """``{canary ID: insertions}`` of a ``canaries.csv``; empty when there is none."""
+    if not canaries_csv or not os.path.isfile(canaries_csv):
+        return {}
+    return {u.id: int(u.extra.get("insertions", 0)) for u in read_manifest(canaries_csv, check_audio=False)}
+
+
 class ASRBrain(PrivateBrain):
     """Conformer ASR (``hparams.model_kind``: ``ctc`` or ``transducer``) under per-core clipping."""
+
+    _canary_insertions: dict | None = None
 
     # -- training (per-core gradients) -------------------------------------------------
     def batch_to_tensors(self, batch):
@@ -49,6 +61,13 @@ class ASRBrain(PrivateBrain):
         feats = model.augment(feats, feat_lens)
         self._count_infeasible(model, feats, feat_lens, tokens, token_lens)
         return feats, feat_lens, tokens, token_lens
+
+    def shard_labels(self, batch, num_shards):
+        """Per core: the largest insertion count among its canaries (0: no canary), for the core log."""
+        if self._canary_insertions is None:
+            self._canary_insertions = canary_insertions(getattr(self.hparams, "canaries_csv", None))
+        counts = [self._canary_insertions.get(canary_id_of(uid) or uid, 0) for uid in batch.id]
+        return [max(shard, default=0) for shard in shard_partition(counts, num_shards)]
 
     def shard_loss(self, feats, feat_lens, tokens, token_lens):
         out, out_lens = self._forward_features(feats, feat_lens, tokens)

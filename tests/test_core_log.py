@@ -1,0 +1,90 @@
+"""The canary-aware core log: the norms and clip scales it records are those of the step, labelled per core."""
+import numpy as np
+import pytest
+import torch
+
+from privasr.core_log import CoreLog, markdown_table, plot_core_logs, read_core_logs, shard_partition, summarize
+from privasr.per_sample import split_into_shards
+
+from .test_brain import batches_of, hparams
+from .toy import fit_toy_brain, make_toy_brain, mse_loss_fn, toy_batch, toy_model
+
+
+@pytest.mark.parametrize("n, k", [(8, 4), (7, 3), (5, 5), (3, 1)])
+def test_shard_partition_matches_the_tensor_split_of_the_batch(n, k):
+    ids = list(range(n))
+    shards = split_into_shards([torch.arange(n)], k)
+    assert shard_partition(ids, k) == [s[0].tolist() for s in shards]
+
+
+def labelled_toy_brain(tmp_path, method, bound, cores):
+    brain = make_toy_brain(hparams(method, bound, cores, core_log_dir=str(tmp_path)), lr=0.1)
+    # label = the index of the first example of each core in the 16-example epoch (batches of 8)
+    seen = {"n": 0}
+
+    def shard_labels(batch, num_shards):
+        ids = list(range(seen["n"], seen["n"] + batch[0].shape[0]))
+        seen["n"] += len(ids)
+        return [shard[0] for shard in shard_partition(ids, num_shards)]
+
+    brain.shard_labels = shard_labels
+    return brain
+
+
+@pytest.mark.parametrize("method, bound", [("pcc", 5.0), ("apcc", None), ("none", None)])
+def test_logged_norms_and_scales_are_the_steps(method, bound, tmp_path):
+    fit_toy_brain(labelled_toy_brain(tmp_path, method, bound, 4), batches_of(8))
+    log = read_core_logs(tmp_path)
+    assert log["label"].tolist() == [0, 2, 4, 6, 8, 10, 12, 14]
+    # reference: the same two SGD steps by hand, norms over all parameters of each 2-example core
+    model, (x, y) = toy_model(), toy_batch(n=16)
+    expected_norms, expected_scales = [], []
+    for step in range(2):
+        grads = []
+        for core in range(4):
+            lo = 8 * step + 2 * core
+            model.zero_grad()
+            mse_loss_fn(model)(x[lo: lo + 2], y[lo: lo + 2]).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        norms = torch.stack([torch.sqrt(sum((g ** 2).sum() for g in core)) for core in grads])
+        scales = {"pcc": torch.clamp(bound / norms, max=1.0) if bound else None,
+                  "apcc": norms.min() / norms, "none": torch.ones(4)}[method]
+        expected_norms += norms.tolist()
+        expected_scales += scales.tolist()
+        update = sum(s * torch.cat([g.flatten() for g in core]) for s, core in zip(scales, grads)) / 4
+        with torch.no_grad():
+            offset = 0
+            for p in model.parameters():
+                p -= 0.1 * update[offset: offset + p.numel()].view_as(p)
+                offset += p.numel()
+    np.testing.assert_allclose(log["norm"], expected_norms, rtol=1e-4)
+    np.testing.assert_allclose(log["scale"], expected_scales, rtol=1e-4)
+
+
+def test_no_log_without_labels_or_directory(tmp_path):
+    fit_toy_brain(make_toy_brain(hparams("pcc", 5.0, 4, core_log_dir=str(tmp_path))), batches_of(8))
+    assert not list(tmp_path.iterdir())  # the toy brain labels nothing
+
+
+def test_a_resumed_step_is_counted_once_and_summaries_by_label(tmp_path):
+    log = CoreLog(tmp_path, rank=1)
+    log.add(1, [1.0, 4.0], [1.0, 0.25], [0, 16])
+    log.add(2, [2.0, 8.0], [0.5, 0.125], [0, 16])
+    log.add(2, [3.0, 9.0], [1 / 3, 1 / 9], [0, 16])  # step 2 again, after a resume
+    CoreLog(tmp_path, rank=0).add(1, [5.0], [0.2], [1])
+    got = read_core_logs(tmp_path)
+    assert sorted(got["norm"].tolist()) == [1.0, 3.0, 4.0, 5.0, 9.0]
+    summary = summarize(got)
+    assert summary[0]["n"] == 2 and summary[0]["norm_p50"] == pytest.approx(2.0)
+    assert summary[16]["scale_p50"] == pytest.approx((0.25 + 1 / 9) / 2)
+    assert summary[1] == {"n": 1, **{f"norm_p{q}": 5.0 for q in (10, 50, 90)},
+                          **{f"scale_p{q}": pytest.approx(0.2) for q in (10, 50, 90)}}
+    table = markdown_table({"pcc": summary}, labels=(0, 16, 4))
+    assert "| pcc | 2 / 0.667 | 6.5 / 0.181 | – |" in table
+    png = plot_core_logs({"pcc": got}, tmp_path / "cores.png")
+    assert png.stat().st_size > 1000
+
+
+def test_mismatched_lengths_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="one each per core"):
+        CoreLog(tmp_path).add(1, [1.0], [1.0, 1.0], [0])
