@@ -5,6 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from privasr.core_log import read_core_logs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "egs", "mini_tts", "run.sh")
@@ -33,7 +36,11 @@ def test_quick_run_writes_every_table_and_plot(quick_run):
         assert f"| {method} |" in report
         exposure = json.load(open(os.path.join(exp, method, "seed1", "exposure_cer.json")))
         assert exposure["holdout_size"] == 20 and set(exposure["by_insertions"]) == {"1", "4"}
-        assert os.path.exists(os.path.join(exp, method, "seed1", "tensorboard"))
+        events = EventAccumulator(os.path.join(exp, method, "seed1", "tensorboard"))
+        events.Reload()
+        assert {"clipping/core_norm_median", "train/loss", "valid/WER"} <= set(events.Tags()["scalars"])
+        cores = read_core_logs(os.path.join(exp, method, "seed1", "core_stats"))
+        assert set(cores["label"]) == {0, 1, 4}  # cores without canary, with a x1 and with a x4 canary
     assert os.path.getsize(os.path.join(exp, "exposure_cer.png")) > 1000
     # every stage printed one timestamped line
     for n in range(7):
@@ -56,6 +63,19 @@ def test_rerun_skips_work_already_done(quick_run):
     assert "baseline seed 1 already trained" in result.stdout
     assert "pcc seed 1 already decoded" in result.stdout
     assert "canaries already made" in result.stdout
+
+
+def test_two_cpu_processes_train_under_torchrun(quick_run):
+    """--nproc 2 on a machine without CUDA: gloo, 2 ranks x 2 virtual cores, a core log per rank."""
+    work, data, _, _ = quick_run
+    exp = str(work / "exp_nproc2")
+    result = run("--quick", "true", "--data", data, "--exp", exp, "--methods", "pcc", "--nproc", "2",
+                 "--virtual_cores", "2", "--stage", "4", "--stop_stage", "4")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = os.path.join(exp, "pcc", "seed1")
+    assert os.path.exists(os.path.join(run_dir, ".trained"))
+    for rank in (0, 1):
+        assert os.path.getsize(os.path.join(run_dir, "core_stats", f"core_stats.rank{rank}.csv")) > 0
 
 
 def test_unknown_option_is_refused_with_the_known_ones():

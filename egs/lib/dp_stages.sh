@@ -12,12 +12,6 @@ model_size=mini                   # encoder size, the same for pre-training and 
 pretrain_args=""                  # extra overrides for the pre-training, e.g. "--noise_multiplier 1.5"
 baseline=true                     # also fine-tune from scratch (same recipe, no pre-trained encoder)
 
-backend_args() {  # several processes without CUDA need SpeechBrain's gloo backend (its default is nccl)
-  if [ "$nproc" -gt 1 ] && ! $python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-    echo "--distributed_backend gloo"
-  fi
-}
-
 launch_ssl() {  # launch_ssl OUTPUT_DIR OVERRIDES... : the pre-training recipe's train.py
   local out=$1 launcher; shift
   python_launcher

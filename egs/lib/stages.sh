@@ -68,6 +68,12 @@ run_dir() { echo "$exp/$1/seed$2"; }
 # the previous attempt's gloo/NCCL addresses and fail to connect (pytorch/pytorch#135712). A store of their own avoids it.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
+backend_args() {  # several processes without CUDA need SpeechBrain's gloo backend (its default is nccl)
+  if [ "$nproc" -gt 1 ] && ! $python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "--distributed_backend gloo"
+  fi
+}
+
 python_launcher() {  # the command that starts a training script: python, or torchrun when --nproc > 1
   launcher=("$python")
   [ "$nproc" -gt 1 ] && launcher=("$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc")
@@ -78,7 +84,7 @@ launch_train() {  # launch_train OUTPUT_DIR OVERRIDES... : the recipe's train.py
   local out=$1 launcher; shift
   python_launcher
   # shellcheck disable=SC2206
-  local extra=($train_args)
+  local extra=($train_args $(backend_args))
   "${launcher[@]}" "$PRIVASR_ROOT/$recipe/train.py" "$PRIVASR_ROOT/$recipe/$hparams" --output_folder "$out" \
     --data_folder "$data" --tokenizer_dir "$data/tokenizer" "${extra[@]}" "$@"
 }

@@ -19,7 +19,8 @@ if [ "$quick" = true ]; then
   data=${data/#data/data_quick}; exp=${exp/#exp/exp_quick}
   corpus_args="--num-train 120 --num-dev 20 --num-test 20"
   canary_args="--per-count 2 --counts 1 4 --holdout 20"
-  train_args="--number_of_epochs=1 --batch_size=8 --virtual_cores=4 --train_eval_size=20 --model_size=tiny $train_args"
+  : "${virtual_cores:=4}"
+  train_args="--number_of_epochs=1 --batch_size=8 --train_eval_size=20 --model_size=tiny $train_args"
 fi
 
 source corpus.sh

@@ -2,7 +2,8 @@
 """Conformer ASR trained with per-core clipping (none | global | pcc | apcc | pec).
 
     python train.py hparams/conformer_ctc.yaml --clipping pcc --clip_bound 2.5
-    torchrun --nproc_per_node 2 train.py hparams/conformer_ctc.yaml --clipping apcc --virtual_cores 4
+    torchrun --nproc_per_node 2 train.py hparams/conformer_ctc.yaml --clipping apcc --virtual_cores 4 \
+        --distributed_backend gloo   # on CPU; SpeechBrain defaults to nccl
 
 ``--mode decode`` (or the default ``train_and_decode``) loads the best checkpoint and writes
 ``ID,hyp,ref,score`` (score = per-utterance loss) for the test, dev, canary and holdout sets
