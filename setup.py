@@ -29,6 +29,7 @@ setup(
     entry_points={
         "console_scripts": [
             "privasr-bench=tools.bench_clipping:main",
+            "privasr-bench-dp=tools.bench_dp:main",
             "privasr-canaries=tools.make_canaries:main",
             "privasr-exposure=tools.score_exposure:main",
             "privasr-accountant=tools.accountant:main",

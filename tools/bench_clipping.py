@@ -59,6 +59,17 @@ def strategy_settings(name):
     raise ValueError(f"unknown strategy {name!r}; known: {', '.join(DEFAULT_STRATEGIES)} or pcc-vK")
 
 
+class _FromFeatures(torch.nn.Module):
+    """``model.forward_features`` as ``forward``, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats, feat_lens):
+        return self.model.forward_features(feats, feat_lens)
+
+
 def _step_fn(args, model, batch, strategy):
     """Returns a zero-argument function doing one full training step."""
     from privasr.distributed import CoreAccumulator
@@ -74,10 +85,10 @@ def _step_fn(args, model, batch, strategy):
         return model.loss(log_probs, out_lens, y, yl, reduction="mean")
 
     if strategy == "ddp":
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(_FromFeatures(model))
 
-        def ddp_step():
-            log_probs, out_lens = ddp(batch[0], batch[1])
+        def ddp_step():  # the same work as the others: features are computed once, outside the step
+            log_probs, out_lens = ddp(feats, feat_lens)
             model.loss(log_probs, out_lens, batch[2], batch[3]).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -119,6 +130,8 @@ def _worker(rank, world_size, port, args, strategy, out_path):
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
     times = []
     for _ in range(args.steps):
         dist.barrier()
@@ -127,9 +140,8 @@ def _worker(rank, world_size, port, args, strategy, out_path):
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    # CPU: the step's working memory = peak RSS above the RSS with model and batch loaded.
-    peak = (torch.cuda.max_memory_allocated() if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_ready)
+    # CPU: the steps' working memory = peak RSS during the timed steps above the RSS with model and batch loaded.
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes() - rss_ready
     result = {"median_s": statistics.median(times), "peak_bytes": peak}
     gathered = [None] * world_size
     dist.all_gather_object(gathered, result)
@@ -139,6 +151,20 @@ def _worker(rank, world_size, port, args, strategy, out_path):
                        "peak_bytes": max(r["peak_bytes"] for r in gathered)}, f)
     dist.barrier()  # gloo can abort if one rank tears down while the other still talks
     dist.destroy_process_group()
+
+
+def _reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter (VmHWM), so that set-up peaks don't hide the steps'."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _current_rss_bytes() -> int:
@@ -199,19 +225,25 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run_rows(args, rows, measure_row, details: str = "") -> dict:
+    """Measure every row in turn, print the settings and the markdown table, write ``--json``."""
     results = {}
-    for strategy in args.strategies:
-        print(f"measuring {strategy} ...", file=sys.stderr, flush=True)
-        results[strategy] = measure(args, strategy)
+    for row in rows:
+        print(f"measuring {row} ...", file=sys.stderr, flush=True)
+        results[row] = measure_row(args, row)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu (gloo)"
     print(f"\n{args.nproc} processes on {device}; per process: {args.batch} utterances of <= {args.seconds}s, "
-          f"Conformer d={args.d_model} x{args.layers}; median of {args.steps} steps\n")
+          f"Conformer d={args.d_model} x{args.layers}; {details}median of {args.steps} steps\n")
     print(markdown_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": vars(args), "results": results}, f, indent=2)
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run_rows(args, args.strategies, measure)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import torch
 import torch.multiprocessing as mp
 
 from tools import bench_clipping
-from tools.bench_clipping import markdown_table
 
 DEFAULT_ROWS = ["none", "dp-flat", "dp-dim", "dp-flat-freeze", "dp-dim-freeze"]
 DP_MODES = ("flat", "uniform", "dim")
@@ -141,18 +140,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    results = {}
-    for row in args.rows:
-        print(f"measuring {row} ...", file=sys.stderr, flush=True)
-        results[row] = measure(args, row)
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu (gloo)"
-    print(f"\n{args.nproc} processes on {device}; per process: {args.batch} utterances of <= {args.seconds}s, "
-          f"Conformer d={args.d_model} x{args.layers}; per-example gradients: {args.grad_mode}; "
-          f"-freeze rows: {args.freeze_fraction:.0%} of the layers frozen; median of {args.steps} steps\n")
-    print(markdown_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "results": results}, f, indent=2)
+    bench_clipping.run_rows(args, args.rows, measure, f"per-example gradients: {args.grad_mode}; -freeze rows: "
+                            f"{args.freeze_fraction:.0%} of the layers frozen; ")
 
 
 if __name__ == "__main__":
