@@ -32,6 +32,14 @@ def test_rdp_epsilon_matches_dp_accounting(q, sigma, steps, delta):
 
 
 @pytest.mark.parametrize("q,sigma,steps,delta", CASES[:3])
+def test_prv_epsilon_matches_dp_accounting_pld(q, sigma, steps, delta):
+    """Opacus's PRV accountant against Google's privacy-loss-distribution accountant (both near-exact)."""
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    pld.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    assert epsilon(q, sigma, steps, delta, accountant="prv") == pytest.approx(pld.get_epsilon(delta), rel=0.01)
+
+
+@pytest.mark.parametrize("q,sigma,steps,delta", CASES[:3])
 def test_prv_is_tighter_than_rdp_but_close(q, sigma, steps, delta):
     rdp, prv = epsilon(q, sigma, steps, delta), epsilon(q, sigma, steps, delta, accountant="prv")
     assert 0.5 * rdp < prv <= rdp * 1.001
