@@ -187,6 +187,7 @@ class PrivateBrain(sb.Brain):
         core_log_dir = getattr(self.hparams, "core_log_dir", None)
         self._core_log = CoreLog(core_log_dir, world_info()[0]) if core_log_dir else None
         self._core_labels: Optional[list] = []
+        self._warned_unequal_shards = False
         self._clip_monitor: Optional[ClippingMonitor] = (
             ClippingMonitor() if self.clip_config.clipping in ("pcc", "pec", "global") else None)
 
@@ -272,6 +273,11 @@ class PrivateBrain(sb.Brain):
         """Per-core gradients of this micro-batch into the accumulator; returns the mean loss."""
         num_shards = self.clip_config.num_shards(tensors[0].shape[0])
         divisible = tensors[0].shape[0] % num_shards == 0
+        if not divisible and not self._warned_unequal_shards:
+            self._warned_unequal_shards = True  # e.g. the last batch of an epoch without drop_last
+            logger.warning("a batch of %d examples split into %d cores of unequal size (per-core batch %d or %d); "
+                           "use a batch_size divisible by virtual_cores for equal cores", tensors[0].shape[0],
+                           num_shards, tensors[0].shape[0] // num_shards, tensors[0].shape[0] // num_shards + 1)
         if self.clip_config.core_grad_mode == "vmap" and divisible:
             grads, losses = shard_grads_vmap(self.modules, self.shard_loss, tensors, num_shards)
             self._accumulator.add_cores(grads)

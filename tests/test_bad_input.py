@@ -121,7 +121,9 @@ def test_broken_training_manifest_is_refused_naming_the_line(edit, fragments, da
     (["--clipping", "pcc", "--clip_bound", "-1"], ["bound must be a positive finite float", "-1"]),
     (["--clipping", "perexample"], ["perexample", "none"]),
     (["--mode", "trian"], ["unknown mode 'trian'", "accepted: train, decode, train_and_decode"]),
-], ids=["unknown-key", "int-type", "float-type", "negative-bound", "unknown-clipping", "unknown-mode"])
+    (["--model_kind", "transducer", "--beam_size", "4"], ["the transducer decodes greedily"]),
+], ids=["unknown-key", "int-type", "float-type", "negative-bound", "unknown-clipping", "unknown-mode",
+        "transducer-beam"])
 def test_bad_options_are_refused_before_anything_is_written(overrides, fragments, data, tmp_path, recipe_main,
                                                             capsys):
     out = tmp_path / "run"

@@ -90,3 +90,11 @@ def test_global_bound_that_never_clips_is_warned(caplog):
     with caplog.at_level(logging.WARNING, logger="privasr.brain"):
         fit_toy_brain(make_toy_brain(hparams("global", 1e6, 4)), batches_of(8))
     assert any("the 2 aggregate gradient norms were" in r.getMessage() for r in caplog.records)
+
+
+def test_unequal_cores_are_warned_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="privasr.brain"):
+        fit_toy_brain(make_toy_brain(hparams("apcc", None, 3)), batches_of(8))  # 8 examples -> cores of 3, 3, 2
+    warnings = [r.getMessage() for r in caplog.records if "unequal size" in r.getMessage()]
+    assert warnings == ["a batch of 8 examples split into 3 cores of unequal size (per-core batch 2 or 3); use a "
+                        "batch_size divisible by virtual_cores for equal cores"]

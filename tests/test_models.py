@@ -274,3 +274,16 @@ def test_rnnt_loss_of_a_shard_padded_beyond_its_longest_utterance():
     padded = rnnt_loss(logits, torch.tensor([4 / 6, 3 / 6]), tokens, torch.tensor([2 / 3, 1 / 3]), "none")
     trimmed = rnnt_loss(logits[:, :4, :3], torch.tensor([1.0, 3 / 4]), tokens[:, :2], torch.tensor([1.0, 0.5]), "none")
     assert torch.allclose(padded, trimmed)
+
+
+def test_ctc_infeasible_counts_frames_against_labels_plus_repeats():
+    """CTC needs one frame per label plus one blank between equal neighbours (hand-counted)."""
+    from privasr.asr.brain import ctc_infeasible
+
+    tokens = torch.tensor([[3, 3, 4, 0], [5, 6, 7, 8], [2, 2, 2, 0]])
+    token_lens = torch.tensor([3, 4, 3])          # needs 3+1, 4+0, 3+2 frames
+    frames = torch.tensor([4, 3, 5])
+    assert ctc_infeasible(frames, tokens, token_lens).tolist() == [False, True, False]
+    assert ctc_infeasible(frames - 1, tokens, token_lens).tolist() == [True, True, True]
+    # a repeat in the padding does not count
+    assert not ctc_infeasible(torch.tensor([2]), torch.tensor([[1, 2, 9, 9]]), torch.tensor([2])).any()

@@ -104,8 +104,15 @@ stage_canaries() {
   touch "$data/canaries/.done"
 }
 
+tokenizer_from_hparams() {  # the tokenizer the recipe YAML declares (vocab_size, tokenizer_type)
+  $python -c "import sys; from privasr.faults import yaml_defaults; h = yaml_defaults(sys.argv[1]);
+print('--vocab-size', h['vocab_size'], '--model-type', h['tokenizer_type'])" "$PRIVASR_ROOT/$recipe/$hparams"
+}
+
 stage_tokenizer() {
-  $python -m privasr.tokenizer --manifest "$data/train.csv" --out "$data/tokenizer" $tokenizer_args
+  # shellcheck disable=SC2046
+  $python -m privasr.tokenizer --manifest "$data/train.csv" --out "$data/tokenizer" \
+    ${tokenizer_args:-$(tokenizer_from_hparams)}
 }
 
 stage_train() {

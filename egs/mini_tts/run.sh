@@ -14,7 +14,6 @@ parse_options "$@"
 
 corpus_args="--num-train 3000 --num-dev 200 --num-test 200"
 canary_args="--per-count 20 --holdout 1000"
-tokenizer_args="--vocab-size 40 --model-type char"
 if [ "$quick" = true ]; then
   data=${data/#data/data_quick}; exp=${exp/#exp/exp_quick}
   corpus_args="--num-train 120 --num-dev 20 --num-test 20"

@@ -20,7 +20,6 @@ source corpus.sh
 data=data_dp
 exp=exp/dp
 quick=false
-tokenizer_args="--vocab-size 40 --model-type char"
 corpus_args=""; model_size=""; ssl_hparams=""; baseline=""   # empty: the value of the chosen variant
 parse_options "$@"
 case "$quick" in true|false) ;; *) die "--quick takes true or false, got '$quick'" ;; esac

@@ -21,7 +21,6 @@ jobs=1
 configs=""        # empty: every configuration of $study
 corpus_args="--num-train 3000 --num-dev 200 --num-test 200"
 canary_args="--per-count 10 --holdout 4000"
-tokenizer_args="--vocab-size 40 --model-type char"
 quick=false
 parse_options "$@"
 if [ "$quick" = true ]; then

@@ -88,6 +88,8 @@ def check_settings(hparams: dict) -> None:
         raise UserError(f"unknown mode {hparams['mode']!r}; accepted: {', '.join(MODES)}")
     if hparams["decode_checkpoint"] not in DECODE_CHECKPOINTS:
         raise UserError(f"unknown decode_checkpoint {hparams['decode_checkpoint']!r}; accepted: best, last")
+    if hparams["model_kind"] == "transducer" and hparams.get("beam_size", 1) > 1:
+        raise UserError("beam_size > 1 is CTC prefix beam search; the transducer decodes greedily (beam_size: 1)")
     try:
         ClippingConfig.from_hparams(SimpleNamespace(**hparams))
     except ValueError as err:
