@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from privasr.core_log import markdown_table as core_markdown_table
+from privasr.core_log import plot_core_logs, read_core_logs, summarize
 from privasr.exposure import markdown_table, plot_exposure, summarize_by_insertions
 from privasr.results import collect, mean_std
 
@@ -82,14 +84,18 @@ def run_overrides(study: dict, name: str, quantiles_dir: Path) -> list[str]:
 
 def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: Path) -> Path:
     """exp/RESULTS.md of the study: one row per configuration, plots against B and bound."""
-    names, seeds = list(study["configs"]), [str(s) for s in study["seeds"]]
-    done = [n for n in names if all((exp / n / f"seed{s}" / "hyps" / "canaries.csv").exists() for s in seeds)]
+    names = list(study["configs"])
+    decoded = {n: [str(s) for s in study["seeds"] if (exp / n / f"seed{s}" / "hyps" / "canaries.csv").exists()]
+               for n in names}
+    done = [n for n in names if decoded[n]]
     if not done:
-        raise FileNotFoundError(f"no configuration of {exp} is decoded for every seed yet")
-    results = collect(exp, canaries, holdout, done, seeds)
+        raise FileNotFoundError(f"no configuration of {exp} is decoded yet")
+    results = {n: collect(exp, canaries, holdout, [n], decoded[n])[n] for n in done}
     holdout_size = results[done[0]][0]["exposure"]["cer"]["holdout_size"]
-    lines = ["# Mitigation study", "", f"Configurations decoded for all seeds {seeds}: {len(done)} of {len(names)}; "
-             f"holdout |R| = {holdout_size} (ceiling {math.log2(holdout_size):.2f} bits).", ""]
+    lines = ["# Mitigation study", "", f"Configurations decoded: {len(done)} of {len(names)} "
+             f"(seeds of the study: {', '.join(str(s) for s in study['seeds'])}; each row says how many it has); "
+             f"holdout |R| = {holdout_size} (ceiling {math.log2(holdout_size):.2f} bits).", "",
+             "| configuration | seeds decoded |", "|---|---|", *[f"| {n} | {', '.join(decoded[n])} |" for n in done], ""]
     for metric, label in (("cer", "CER"), ("score", "loss")):
         pooled = {n: _pooled(results[n], metric) for n in done}
         lines += [f"## Exposure ranked by {label} (mean ± std over canaries × seeds)", "",
@@ -105,10 +111,30 @@ def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: 
         lines.append(f"| {n} | {cfg.get('per_core')} | {'–' if bound is None else f'{bound:.3g}'} | "
                      f"{mean_std([r['wer'].get('test') for r in runs])} | {mean_std([r['wer'].get('dev') for r in runs])} | "
                      f"{mean_std([r['wer'].get('gap') for r in runs])} |")
-    lines += ["", "Plots: exposure_vs_B_*.png (a line per insertion count), exposure_vs_bound_*.png, exposure_*.png."]
+    lines += core_diagnostics(exp, {n: decoded[n] for n in done})
+    lines += ["", "Plots: exposure_vs_B_*.png (a line per insertion count), exposure_vs_bound_*.png, exposure_*.png, "
+              "core_stats.png (per-core norms and clip scales of cores with and without a canary)."]
     path = exp / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def core_diagnostics(exp: Path, decoded: dict[str, list[str]]) -> list[str]:
+    """RESULTS.md lines comparing the clipping of cores with and without a canary; writes core_stats.png."""
+    logs = {}
+    for name, seeds in decoded.items():
+        per_seed = [read_core_logs(exp / name / f"seed{s}" / "core_stats") for s in seeds]
+        logs[name] = {k: np.concatenate([log[k] for log in per_seed]) for k in ("norm", "scale", "label")}
+    logs = {name: log for name, log in logs.items() if log["norm"].size}
+    if not logs:
+        return []
+    plot_core_logs(logs, exp / "core_stats.png")
+    summaries = {name: summarize(log) for name, log in logs.items()}
+    labels = sorted({label for summary in summaries.values() for label in summary})
+    return ["", "## Clipping of cores with and without a canary (median norm / median clip scale, all steps)", "",
+            "A core's label is the largest insertion count among its canaries. Clipping can only curb "
+            "memorization if canary cores get a clearly smaller scale than the others.", "",
+            core_markdown_table(summaries, labels)]
 
 
 def _pooled(runs: list[dict], metric: str) -> dict:

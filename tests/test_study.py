@@ -33,3 +33,7 @@ def test_quick_study_end_to_end(tmp_path):
     assert (tmp_path / "exp" / "exposure_vs_B_cer.png").exists()
     # fine-tuning continued from the pre-trained checkpoint: one more epoch, not a fresh start
     assert "epoch: 2" in (tmp_path / "exp" / "pcc_B2_p10" / "seed1" / "train_log.txt").read_text()
+    # canary-aware diagnostics: every configuration's cores, with and without canaries
+    assert "## Clipping of cores with and without a canary" in report
+    assert "| pec_p50 |" in report.split("## Clipping of cores")[1]
+    assert (tmp_path / "exp" / "core_stats.png").stat().st_size > 1000

@@ -22,6 +22,7 @@ configs=""        # empty: every configuration of $study
 corpus_args="--num-train 3000 --num-dev 200 --num-test 200"
 canary_args="--per-count 10 --holdout 4000"
 quick=false
+seeds=""          # empty: the seeds of $study
 parse_options "$@"
 if [ "$quick" = true ]; then
   study=conf/study_quick.yaml; data=${data/#data_study/data_study_quick}; exp=${exp/#exp_study/exp_study_quick}
@@ -101,7 +102,7 @@ stage_decode_grid() {
   done < <(planned_runs)
 }
 
-seeds_override=$([ "$seeds" != "1" ] && echo "$seeds" || true)
+seeds_override=$seeds
 mkdir -p "$exp" "$data"
 if in_stage 0 "corpus"; then corpus_prepare; fi
 if in_stage 1 "manifests"; then corpus_manifests; fi
