@@ -363,21 +363,28 @@ class PrivateBrain(sb.Brain):
         every = int(getattr(self.hparams, "log_every_n_steps", 0) or 0)
         if every <= 0 or self.optimizer_step % every != 0:
             return
-        norms = gather_norms(stats.core_norms)  # collective: every rank takes part
+        # collectives: every rank takes part, so that rank 0 logs the cores and counters of all ranks
+        cores = gather_norms(torch.stack([stats.core_norms.float().cpu(), stats.factors.float().cpu()], dim=1))
+        dropped_total = int(gather_norms(torch.tensor([self.counters.dropped_cores])).sum())
         rank, _ = world_info()
         writer = self._tensorboard()
         if rank != 0 or writer is None:
             return
+        norms, factors = cores[:, 0], cores[:, 1]
         finite = norms[torch.isfinite(norms)]
+        kept = factors > 0  # dropped cores have factor 0
         step = self.optimizer_step
         if finite.numel():
             writer.add_scalar("clipping/core_norm_min", float(finite.min()), step)
             writer.add_scalar("clipping/core_norm_median", float(finite.median()), step)
             writer.add_scalar("clipping/core_norm_max", float(finite.max()), step)
-        writer.add_scalar("clipping/clipped_fraction_local", stats.clipped_fraction, step)
+        if kept.any():
+            writer.add_scalar("clipping/clipped_fraction", float((factors[kept] < 1.0).float().mean()), step)
+        if stats.global_factor < 1.0 or self.clip_config.clipping == "global":
+            writer.add_scalar("clipping/global_factor", stats.global_factor, step)
         if stats.bound is not None:
             writer.add_scalar("clipping/bound", stats.bound, step)
-        writer.add_scalar("clipping/dropped_cores_total", self.counters.dropped_cores, step)
+        writer.add_scalar("clipping/dropped_cores_total", dropped_total, step)
         writer.add_scalar("clipping/skipped_steps_total", self.counters.skipped_steps, step)
 
     def _tensorboard(self):

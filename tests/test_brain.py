@@ -78,8 +78,23 @@ def test_tensorboard_gets_clipping_statistics(tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"clipping/core_norm_min", "clipping/core_norm_median", "clipping/core_norm_max",
-            "clipping/clipped_fraction_local", "clipping/bound"} <= tags
-    assert len(events.Scalars("clipping/bound")) == 2
+            "clipping/clipped_fraction", "clipping/bound", "clipping/dropped_cores_total"} <= tags
+    assert [e.value for e in events.Scalars("clipping/bound")] == [5.0, 5.0]
+    # the fraction of cores whose norm exceeds 5.0, recomputed by hand along the same SGD trajectory
+    model, (x, y), expected = toy_model(), toy_batch(n=16), []
+    for step in range(2):
+        per_core = []
+        for core in range(4):
+            model.zero_grad()
+            mse_loss_fn(model)(x[8 * step + 2 * core: 8 * step + 2 * core + 2],
+                               y[8 * step + 2 * core: 8 * step + 2 * core + 2]).backward()
+            per_core.append([p.grad.clone() for p in model.parameters()])
+        norms = [float(torch.sqrt(sum((g ** 2).sum() for g in grads))) for grads in per_core]
+        expected.append(sum(n > 5.0 for n in norms) / 4)
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), clip_and_aggregate(per_core, "pcc", 5.0)):
+                p -= LR * g
+    assert [e.value for e in events.Scalars("clipping/clipped_fraction")] == pytest.approx(expected)
 
 
 def test_bad_clipping_config_is_refused():
