@@ -121,3 +121,17 @@ def test_torchrun_two_processes_two_virtual_cores_each(tmp_path):
         expected = reference_params(method, bound, cores)
         for rank in range(2):
             assert torch.allclose(got[(rank, method)], expected, rtol=1e-5, atol=1e-6), (rank, method)
+
+
+@pytest.mark.parametrize("method, bound", [("global", 1.0), ("pcc", 5.0)])
+def test_two_optimizer_param_groups_are_clipped_as_one_gradient(method, bound):
+    """SpeechBrain's own clipping sees only param_groups[0]; privasr's norm covers every group."""
+    def two_groups(params):
+        params = list(params)
+        return torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=LR)
+
+    brain = make_toy_brain(hparams(method, bound, 4), lr=LR)
+    brain.opt_class = two_groups
+    got = fit_toy_brain(brain, batches_of(8))
+    assert len(brain.optimizer.param_groups) == 2
+    assert torch.allclose(got, reference_params(method, bound, 4), rtol=1e-5, atol=1e-6)
