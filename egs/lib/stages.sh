@@ -44,6 +44,10 @@ parse_options() {
   done
 }
 
+require_bool() {  # require_bool NAME: the option --NAME takes true or false
+  case "${!1}" in true|false) ;; *) die "--$1 takes true or false, got '${!1}'" ;; esac
+}
+
 # stage N DESCRIPTION: true when N is within [stage, stop_stage]; prints a timestamped line.
 in_stage() {
   local n=$1; shift

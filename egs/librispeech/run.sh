@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # LibriSpeech with the paper's setup (Conformer XL transducer, 128 cores x 4, PCC@2.5).
-#   egs/librispeech/run.sh --librispeech_root /data/LibriSpeech --nproc 8 --virtual_cores 16
+#   egs/librispeech/run.sh --librispeech_root /data/LibriSpeech --nproc 8 --virtual_cores 16 --train_args "--batch_size=64"
+#   (8 processes x 16 virtual cores = 128 cores; batch_size per process = 16 x per-core batch 4)
 # Stages live in ../lib/stages.sh; only this corpus's settings are here.
 cd "$(dirname "$0")"
 recipe=recipes/LibriSpeech/ASR/conformer

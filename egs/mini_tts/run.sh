@@ -11,6 +11,7 @@ quick=false
 extra_options="quick"
 source ../lib/stages.sh
 parse_options "$@"
+require_bool quick
 
 corpus_args="--num-train 3000 --num-dev 200 --num-test 200"
 canary_args="--per-count 20 --holdout 1000"

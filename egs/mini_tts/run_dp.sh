@@ -22,7 +22,7 @@ exp=exp/dp
 quick=false
 corpus_args=""; model_size=""; ssl_hparams=""; baseline=""   # empty: the value of the chosen variant
 parse_options "$@"
-case "$quick" in true|false) ;; *) die "--quick takes true or false, got '$quick'" ;; esac
+require_bool quick
 if [ "$quick" = true ]; then  # CI: a 60-utterance corpus, the tiny encoder, one epoch each
   data=${data/#data_dp/data_dp_quick}; exp=${exp/#exp/exp_quick}
   : "${corpus_args:=--num-train 60 --num-dev 10 --num-test 10}" "${model_size:=tiny}" \

@@ -24,6 +24,7 @@ canary_args="--per-count 10 --holdout 4000"
 quick=false
 seeds=""          # empty: the seeds of $study
 parse_options "$@"
+require_bool quick
 if [ "$quick" = true ]; then
   study=conf/study_quick.yaml; data=${data/#data_study/data_study_quick}; exp=${exp/#exp_study/exp_study_quick}
   corpus_args="--num-train 120 --num-dev 20 --num-test 20"
