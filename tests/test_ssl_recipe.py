@@ -1,6 +1,7 @@
 """BEST-RQ DP pre-training recipes: data split, encoder hand-over, the XL config, and the quick run end to end."""
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,15 @@ def test_run_dp_refuses_unknown_options():
     assert proc.returncode == 2 and "unknown option --noise" in proc.stderr
     proc = subprocess.run([str(REPO_ROOT / "egs/mini_tts/run_dp.sh"), "--quick", "yes"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--quick takes true or false" in proc.stderr
+
+
+def test_ssl_train_py_refuses_a_mistyped_option_in_one_line(tmp_path):
+    script = REPO_ROOT / "recipes/mini_tts/SSL/bestrq/train.py"
+    yaml = REPO_ROOT / "recipes/mini_tts/SSL/bestrq/hparams/bestrq_dp_quick.yaml"
+    proc = subprocess.run([sys.executable, str(script), str(yaml), "--noise_multiplir", "1.0",
+                           "--output_folder", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "bestrq/train.py: error: unknown option --noise_multiplir: bestrq_dp_quick.yaml has no such key "
+        "(did you mean --noise_multiplier?)"]
+    assert not (tmp_path / "out").exists()

@@ -16,25 +16,28 @@ Any YAML key can be overridden on the command line.
 import sys
 
 import speechbrain as sb
-from hyperpyyaml import load_hyperpyyaml
 
-from privasr.data import run_cli
+from privasr.faults import UserError, load_hparams, parse_arguments, run_cli
 from privasr.ssl import DPBestRQBrain, audio_dataset, read_audio_manifest, split_public_private
 
 
 def main(argv):
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    with open(hparams_file) as f:
-        hparams = load_hyperpyyaml(f, overrides)
+    hparams_file, run_opts, overrides = parse_arguments(argv)  # unknown or mistyped options: one line, exit 2
+    hparams = load_hparams(hparams_file, overrides)
+    rate = hparams["sample_rate"]
+    try:  # manifests and the DP configuration are checked before anything is written
+        rows = read_audio_manifest(hparams["train_csv"], hparams["max_duration"])
+        public, private = split_public_private(rows, hparams["public_fraction"], hparams["split_seed"])
+        valid = audio_dataset(read_audio_manifest(hparams["valid_csv"], hparams["max_duration"]), rate, "ascending")
+    except (ValueError, OSError) as err:
+        raise UserError(str(err)) from None
     sb.utils.distributed.ddp_init_group(run_opts)
     sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides)
-
-    rate = hparams["sample_rate"]
-    rows = read_audio_manifest(hparams["train_csv"], hparams["max_duration"])
-    public, private = split_public_private(rows, hparams["public_fraction"], hparams["split_seed"])
-    valid = audio_dataset(read_audio_manifest(hparams["valid_csv"], hparams["max_duration"]), rate, "ascending")
-    brain = DPBestRQBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
-                          run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    try:
+        brain = DPBestRQBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+                              run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
     # 1. Public warm-start (non-private) with LayerFreeze scores, then freeze the lowest-score layers.
     brain.public_warm_start(audio_dataset(public, rate), hparams["warm_start_dataloader_opts"])
@@ -52,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, sys.argv[1:], "bestrq/train.py"))
+    sys.exit(run_cli(main, sys.argv[1:], prog="bestrq/train.py"))
