@@ -23,7 +23,7 @@ import yaml
 
 from privasr.core_log import markdown_table as core_markdown_table
 from privasr.core_log import plot_core_logs, read_core_logs, summarize
-from privasr.exposure import markdown_table, plot_exposure, summarize_by_insertions
+from privasr.exposure import markdown_table, plot_exposure, score_exposure, summarize_by_insertions
 from privasr.results import collect, mean_std
 
 REQUIRED = ("total_batch", "pretrain_epochs", "finetune_epochs", "quantile_batches", "seeds", "configs")
@@ -103,6 +103,9 @@ def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: 
         _plot_against(study, pooled, exp / f"exposure_vs_B_{metric}.png", "per_core", "per-core batch B", quantiles_dir)
         _plot_against(study, pooled, exp / f"exposure_vs_bound_{metric}.png", "bound", "clip bound b", quantiles_dir)
         plot_exposure(pooled, exp / f"exposure_{metric}.png", math.log2(holdout_size), f"Exposure by {label}")
+    extrapolated = {n: _extrapolated_loss_exposure(exp, n, decoded[n], canaries, holdout) for n in done}
+    lines += ["## Exposure ranked by loss, extrapolated (skew-normal fit to the holdout losses; no log2|R| ceiling)",
+              "", markdown_table(extrapolated).rstrip(), ""]
     lines += ["## WER (%) and generalization gap (mean ± std over seeds)", "",
               "| configuration | B | bound | test WER | dev WER | gap (test − train) |", "|---|---|---|---|---|---|"]
     for n in done:
@@ -135,6 +138,19 @@ def core_diagnostics(exp: Path, decoded: dict[str, list[str]]) -> list[str]:
             "A core's label is the largest insertion count among its canaries. Clipping can only curb "
             "memorization if canary cores get a clearly smaller scale than the others.", "",
             core_markdown_table(summaries, labels)]
+
+
+def _extrapolated_loss_exposure(exp: Path, name: str, seeds: list[str], canaries: Path, holdout: Path) -> dict:
+    """Exposure by loss with the skew-normal extrapolation, pooled over the seeds (canaries × seeds)."""
+    insertions, exposures = [], []
+    for seed in seeds:
+        run_dir = exp / name / f"seed{seed}"
+        report = score_exposure(canaries, holdout, run_dir / "hyps" / "canaries_and_holdout.csv",
+                                metric="score", method="extrapolation")
+        (run_dir / "exposure_score_extrapolation.json").write_text(json.dumps(report, indent=1))
+        insertions += [e["insertions"] for e in report["per_canary"]]
+        exposures += [e["exposure"] for e in report["per_canary"]]
+    return summarize_by_insertions(insertions, exposures)
 
 
 def _pooled(runs: list[dict], metric: str) -> dict:

@@ -35,5 +35,7 @@ def test_quick_study_end_to_end(tmp_path):
     assert "epoch: 2" in (tmp_path / "exp" / "pcc_B2_p10" / "seed1" / "train_log.txt").read_text()
     # canary-aware diagnostics: every configuration's cores, with and without canaries
     assert "## Clipping of cores with and without a canary" in report
+    assert "## Exposure ranked by loss, extrapolated" in report
+    assert (tmp_path / "exp" / "pcc_B2_p10" / "seed1" / "exposure_score_extrapolation.json").exists()
     assert "| pec_p50 |" in report.split("## Clipping of cores")[1]
     assert (tmp_path / "exp" / "core_stats.png").stat().st_size > 1000
