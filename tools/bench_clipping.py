@@ -149,8 +149,12 @@ def _worker(rank, world_size, port, args, strategy, out_path):
         with open(out_path, "w") as f:
             json.dump({"median_s": max(r["median_s"] for r in gathered),
                        "peak_bytes": max(r["peak_bytes"] for r in gathered)}, f)
-    dist.barrier()  # gloo can abort if one rank tears down while the other still talks
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks are done talking
+    # Leave without tearing gloo down: its teardown occasionally aborts the process ("terminate called
+    # without an active exception"), which would lose a measurement that is already written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _reset_peak_rss() -> None:
