@@ -39,7 +39,7 @@ from privasr.tts import SynthesisJob, Voice, synthesize_many
 __all__ = [
     "Canary", "DEFAULT_COUNTS", "DEFAULT_VOICE", "MIN_MS_PER_CHAR",
     "draw_transcripts", "plan_canaries", "synthesize_canaries", "insert_canaries",
-    "repeat_id", "canary_id_of", "char_duration_stats", "format_char_stats", "make_canaries",
+    "repeat_id", "canary_id_of", "read_canaries", "char_duration_stats", "format_char_stats", "make_canaries",
 ]
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,22 @@ def canary_id_of(train_id: str) -> str | None:
     """The canary ID of a repeated training row (``canary_0003_r2`` -> ``canary_0003``), else None."""
     match = _REPEAT.match(train_id)
     return match.group("canary") if match else None
+
+
+def read_canaries(path) -> tuple[list[Utterance], list[int]]:
+    """The canaries of a ``canaries.csv`` and their insertion counts (each an integer >= 1), validated."""
+    canaries = read_manifest(path, check_audio=False)
+    if not canaries:
+        raise ValueError(f"{path}: no canaries")
+    if "insertions" not in canaries[0].extra:
+        raise ValueError(f"{path}:1: missing column insertions")
+    counts = []
+    for line, utt in enumerate(canaries, start=2):
+        value = utt.extra["insertions"]
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"{path}:{line}: insertions '{value}' of '{utt.id}' is not an integer >= 1")
+        counts.append(int(value))
+    return canaries, counts
 
 
 def insert_canaries(train: Sequence[Utterance], canaries: Sequence[Utterance]) -> list[Utterance]:

@@ -35,6 +35,7 @@ import jiwer
 import numpy as np
 from scipy import stats
 
+from privasr.canaries import read_canaries
 from privasr.data.manifest import Utterance, read_manifest, read_table
 
 __all__ = [
@@ -224,21 +225,6 @@ def _score(path, line: int, row: Mapping[str, str]) -> float | None:
     return value
 
 
-def _read_canaries(path: str | os.PathLike) -> tuple[list[Utterance], list[int]]:
-    canaries = read_manifest(path, check_audio=False)
-    if not canaries:
-        raise ValueError(f"{path}: no canaries")
-    if "insertions" not in canaries[0].extra:
-        raise ValueError(f"{path}:1: missing column insertions")
-    counts = []
-    for line, utt in enumerate(canaries, start=2):
-        value = utt.extra["insertions"]
-        if not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"{path}:{line}: insertions '{value}' of '{utt.id}' is not an integer >= 1")
-        counts.append(int(value))
-    return canaries, counts
-
-
 def _check_ids(hyps_path, hyps: Mapping[str, object], canaries: Sequence[Utterance], holdout: Sequence[Utterance]):
     known = [u.id for u in canaries] + [u.id for u in holdout]
     overlap = {u.id for u in canaries} & {u.id for u in holdout}
@@ -286,7 +272,7 @@ def score_exposure(
     for name, value, allowed in (("metric", metric, METRICS), ("method", method, METHODS), ("ties", ties, TIES)):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
-    canaries, insertions = _read_canaries(canaries_csv)
+    canaries, insertions = read_canaries(canaries_csv)
     holdout = read_manifest(holdout_csv, check_audio=False)
     if not holdout:
         raise ValueError(f"{holdout_csv}: empty holdout set")

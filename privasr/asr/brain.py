@@ -18,9 +18,8 @@ import torch
 from tqdm import tqdm
 
 from privasr.brain import PrivateBrain
-from privasr.canaries import canary_id_of
+from privasr.canaries import canary_id_of, read_canaries
 from privasr.core_log import shard_partition
-from privasr.data.manifest import read_manifest
 from privasr.decoding import ctc_greedy_decode, ctc_prefix_beam_search
 from privasr.metrics import cer, wer
 
@@ -43,7 +42,8 @@ def canary_insertions(canaries_csv) -> dict[str, int]:
     """``{canary ID: insertions}`` of a ``canaries.csv``; empty when there is none."""
     if not canaries_csv or not os.path.isfile(canaries_csv):
         return {}
-    return {u.id: int(u.extra.get("insertions", 0)) for u in read_manifest(canaries_csv, check_audio=False)}
+    canaries, counts = read_canaries(canaries_csv)
+    return {utt.id: count for utt, count in zip(canaries, counts)}
 
 
 class ASRBrain(PrivateBrain):
