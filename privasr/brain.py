@@ -52,7 +52,7 @@ from typing import Optional
 import speechbrain as sb
 import torch
 
-from privasr.clipping import AggregationStats, check_method
+from privasr.clipping import AggregationStats, check_method, clipped_fraction, shrunk_cores
 from privasr.core_log import CoreLog
 from privasr.distributed import CoreAccumulator, broadcast_parameters, gather_norms, world_info
 from privasr.faults import NonFiniteGradientsError
@@ -135,9 +135,8 @@ class ClippingMonitor:
             self.clipped += int(stats.global_factor < 1.0)
             return
         norms = stats.core_norms.to(torch.float64)
-        finite = torch.isfinite(norms)
-        self.norms.append(norms[finite])
-        self.clipped += int(((stats.factors < 1.0) & finite & (norms > 0)).sum())
+        self.norms.append(norms[torch.isfinite(norms)])
+        self.clipped += int(shrunk_cores(stats.core_norms, stats.factors).sum())
 
     def summary(self) -> tuple[int, torch.Tensor]:
         """``(number clipped, every norm)`` over all processes (a collective)."""
@@ -254,11 +253,12 @@ class PrivateBrain(sb.Brain):
         if self._accumulator is None:
             self._accumulator = self._new_accumulator()
             self._core_labels = []
+        num_shards = self.clip_config.num_shards(tensors[0].shape[0])
         if self._core_log is not None:
-            labels = self.shard_labels(batch, self.clip_config.num_shards(tensors[0].shape[0]))
+            labels = self.shard_labels(batch, num_shards)
             self._core_labels = None if labels is None or self._core_labels is None else self._core_labels + labels
         with self.training_ctx:
-            loss = self._accumulate_cores(tensors)
+            loss = self._accumulate_cores(tensors, num_shards)
         if should_step:
             self._apply_step()
         self.on_fit_batch_end(batch, None, loss, should_step)
@@ -269,9 +269,8 @@ class PrivateBrain(sb.Brain):
         cfg = self.clip_config
         return CoreAccumulator(params, cfg.method, cfg.clip_bound, cfg.reduction)
 
-    def _accumulate_cores(self, tensors) -> torch.Tensor:
-        """Per-core gradients of this micro-batch into the accumulator; returns the mean loss."""
-        num_shards = self.clip_config.num_shards(tensors[0].shape[0])
+    def _accumulate_cores(self, tensors, num_shards: int) -> torch.Tensor:
+        """Per-core gradients of this micro-batch (``num_shards`` cores) into the accumulator; the mean loss."""
         divisible = tensors[0].shape[0] % num_shards == 0
         if not divisible and not self._warned_unequal_shards:
             self._warned_unequal_shards = True  # e.g. the last batch of an epoch without drop_last
@@ -372,14 +371,13 @@ class PrivateBrain(sb.Brain):
             return
         norms, factors = cores[:, 0], cores[:, 1]
         finite = norms[torch.isfinite(norms)]
-        kept = factors > 0  # dropped cores have factor 0
         step = self.optimizer_step
         if finite.numel():
             writer.add_scalar("clipping/core_norm_min", float(finite.min()), step)
             writer.add_scalar("clipping/core_norm_median", float(finite.median()), step)
             writer.add_scalar("clipping/core_norm_max", float(finite.max()), step)
-        if kept.any():
-            writer.add_scalar("clipping/clipped_fraction", float((factors[kept] < 1.0).float().mean()), step)
+        if finite.numel():
+            writer.add_scalar("clipping/clipped_fraction", clipped_fraction(norms, factors), step)
         if stats.global_factor < 1.0 or self.clip_config.clipping == "global":
             writer.add_scalar("clipping/global_factor", stats.global_factor, step)
         if stats.bound is not None:

@@ -70,11 +70,20 @@ class AggregationStats:
     @property
     def clipped_fraction(self) -> float:
         """Fraction of the surviving cores whose gradient was shrunk (factor < 1)."""
-        kept = torch.isfinite(self.core_norms)
-        if not kept.any():
-            return 0.0
-        shrunk = (self.factors < 1.0) & kept & (self.core_norms > 0)
-        return float(shrunk.sum()) / float(kept.sum())
+        return clipped_fraction(self.core_norms, self.factors)
+
+
+def shrunk_cores(norms: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Mask of the cores that clipping shrank: finite, non-zero norm, factor < 1 (dropped cores are not)."""
+    return (factors < 1.0) & torch.isfinite(norms) & (norms > 0)
+
+
+def clipped_fraction(norms: torch.Tensor, factors: torch.Tensor) -> float:
+    """Fraction of the surviving (finite-norm) cores that clipping shrank; 0 when none survived."""
+    kept = torch.isfinite(norms)
+    if not kept.any():
+        return 0.0
+    return float(shrunk_cores(norms, factors).sum()) / float(kept.sum())
 
 
 def check_method(method: str, bound: Optional[float], reduction: str = "mean") -> None:
