@@ -142,21 +142,24 @@ def core_diagnostics(exp: Path, decoded: dict[str, list[str]]) -> list[str]:
 
 def _extrapolated_loss_exposure(exp: Path, name: str, seeds: list[str], canaries: Path, holdout: Path) -> dict:
     """Exposure by loss with the skew-normal extrapolation, pooled over the seeds (canaries × seeds)."""
-    insertions, exposures = [], []
+    reports = []
     for seed in seeds:
         run_dir = exp / name / f"seed{seed}"
         report = score_exposure(canaries, holdout, run_dir / "hyps" / "canaries_and_holdout.csv",
                                 metric="score", method="extrapolation")
         (run_dir / "exposure_score_extrapolation.json").write_text(json.dumps(report, indent=1))
-        insertions += [e["insertions"] for e in report["per_canary"]]
-        exposures += [e["exposure"] for e in report["per_canary"]]
-    return summarize_by_insertions(insertions, exposures)
+        reports.append(report)
+    return _pooled_reports(reports)
 
 
 def _pooled(runs: list[dict], metric: str) -> dict:
-    insertions = [e["insertions"] for r in runs for e in r["exposure"][metric]["per_canary"]]
-    exposures = [e["exposure"] for r in runs for e in r["exposure"][metric]["per_canary"]]
-    return summarize_by_insertions(insertions, exposures)
+    return _pooled_reports([r["exposure"][metric] for r in runs])
+
+
+def _pooled_reports(reports: list[dict]) -> dict:
+    """Exposure per insertion count over the canaries of several exposure reports (mean ± std)."""
+    canaries = [e for report in reports for e in report["per_canary"]]
+    return summarize_by_insertions([e["insertions"] for e in canaries], [e["exposure"] for e in canaries])
 
 
 def _plot_against(study, pooled, path, key, xlabel, quantiles_dir):
