@@ -15,10 +15,14 @@ LR = 0.1
 CASES = [("none", None), ("global", 1.0), ("pcc", 5.0), ("apcc", None), ("pec", 3.0)]
 
 
-def reference_params(method, bound, cores_per_step, steps=2, reduction="mean"):
-    """Plain SGD on clip_and_aggregate of the per-core gradients, step by step."""
+def reference_run(method, bound, cores_per_step, steps=2, reduction="mean"):
+    """Plain SGD on clip_and_aggregate of the per-core gradients, step by step.
+
+    Returns the final parameters and, per step, the norm of each core's gradient.
+    """
     model = toy_model()
     x, y = toy_batch(n=8 * steps)
+    norms = []
     for s in range(steps):
         xs, ys = x[8 * s: 8 * s + 8], y[8 * s: 8 * s + 8]
         per_core = []
@@ -26,11 +30,17 @@ def reference_params(method, bound, cores_per_step, steps=2, reduction="mean"):
             model.zero_grad()
             mse_loss_fn(model)(cx, cy).backward()
             per_core.append([p.grad.clone() for p in model.parameters()])
+        norms.append([float(torch.sqrt(sum((g ** 2).sum() for g in grads))) for grads in per_core])
         agg = clip_and_aggregate(per_core, "pcc" if method == "pec" else method, bound, reduction)
         with torch.no_grad():
             for p, g in zip(model.parameters(), agg):
                 p -= LR * g
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), norms
+
+
+def reference_params(method, bound, cores_per_step, steps=2, reduction="mean"):
+    """The final parameters of :func:`reference_run`."""
+    return reference_run(method, bound, cores_per_step, steps, reduction)[0]
 
 
 def batches_of(size, steps=2):
@@ -81,19 +91,8 @@ def test_tensorboard_gets_clipping_statistics(tmp_path):
             "clipping/clipped_fraction", "clipping/bound", "clipping/dropped_cores_total"} <= tags
     assert [e.value for e in events.Scalars("clipping/bound")] == [5.0, 5.0]
     # the fraction of cores whose norm exceeds 5.0, recomputed by hand along the same SGD trajectory
-    model, (x, y), expected = toy_model(), toy_batch(n=16), []
-    for step in range(2):
-        per_core = []
-        for core in range(4):
-            model.zero_grad()
-            mse_loss_fn(model)(x[8 * step + 2 * core: 8 * step + 2 * core + 2],
-                               y[8 * step + 2 * core: 8 * step + 2 * core + 2]).backward()
-            per_core.append([p.grad.clone() for p in model.parameters()])
-        norms = [float(torch.sqrt(sum((g ** 2).sum() for g in grads))) for grads in per_core]
-        expected.append(sum(n > 5.0 for n in norms) / 4)
-        with torch.no_grad():
-            for p, g in zip(model.parameters(), clip_and_aggregate(per_core, "pcc", 5.0)):
-                p -= LR * g
+    _, norms = reference_run("pcc", 5.0, 4)
+    expected = [sum(n > 5.0 for n in step) / 4 for step in norms]
     assert [e.value for e in events.Scalars("clipping/clipped_fraction")] == pytest.approx(expected)
 
 
