@@ -21,7 +21,9 @@ underflows the exposure is capped at :data:`EXTRAPOLATION_CAP_BITS` (the probabi
 smallest positive double) and flagged ``"capped": true``.
 
 Per insertion count, :func:`summarize_by_insertions` reports the mean and the (population,
-``ddof=0``) standard deviation, as in the paper's Table 1.
+``ddof=0``) standard deviation over canaries, as in the paper's Table 1. Over several training
+seeds, :func:`summarize_over_seeds` first averages each seed's canaries, then reports the mean and
+std of those per-seed means, so the spread is run-to-run variation, not canary-to-canary.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from privasr.data.manifest import Utterance, read_manifest, read_table
 __all__ = [
     "METRICS", "METHODS", "TIES", "EXTRAPOLATION_CAP_BITS",
     "normalize_text", "error_rates", "ranks", "exposure_interpolation", "exposure_extrapolation",
-    "summarize_by_insertions", "markdown_table", "plot_exposure", "read_hyps", "score_exposure",
+    "summarize_by_insertions", "summarize_over_seeds", "markdown_table", "plot_exposure", "read_hyps", "score_exposure",
     "load_report", "compare_reports",
 ]
 
@@ -139,6 +141,28 @@ def summarize_by_insertions(insertions: Sequence[int], exposures: Sequence[float
         raise ValueError(f"{insertions.size} insertion counts but {exposures.size} exposures")
     return {int(k): {"mean": float(exposures[insertions == k].mean()), "std": float(exposures[insertions == k].std()),
                      "n": int((insertions == k).sum())} for k in sorted(set(insertions.tolist()))}
+
+
+def summarize_over_seeds(reports: Sequence[Mapping]) -> dict[int, dict]:
+    """Exposure per insertion count over several seeds' reports (each from :func:`score_exposure`).
+
+    With ``m_s`` the mean exposure of seed ``s``'s canaries inserted ``k`` times, entry ``k`` is
+    ``{"mean": mean_s m_s, "std": std_s m_s (ddof=0), "n": seeds, "over": "seeds"}``. With one
+    seed there is no run-to-run spread to report: the entry is that seed's mean and std over its
+    canaries, marked ``"over": "canaries"``.
+    """
+    per_seed = [summarize_by_insertions([e["insertions"] for e in r["per_canary"]],
+                                        [e["exposure"] for e in r["per_canary"]]) for r in reports]
+    if not per_seed:
+        raise ValueError("no exposure reports to summarize")
+    if len(per_seed) == 1:
+        return {k: {**v, "over": "canaries"} for k, v in per_seed[0].items()}
+    counts = sorted({k for summary in per_seed for k in summary})
+    out = {}
+    for k in counts:
+        means = np.array([summary[k]["mean"] for summary in per_seed if k in summary])
+        out[k] = {"mean": float(means.mean()), "std": float(means.std()), "n": int(means.size), "over": "seeds"}
+    return out
 
 
 # ---------------------------------------------------------------------------- reporting

@@ -6,7 +6,8 @@ For each method and seed, ``<exp>/<method>/seed<s>/hyps/{test,dev,train_eval,can
 * Table 2 — WER on test and dev, mean ± std over seeds;
 * Table 5 — the generalization gap, WER(test) − WER(train subset);
 * Table 1 — canary exposure per insertion count, ranked by CER and by the model's loss,
-  mean ± std over the canaries of all seeds (``exposure.json`` per run as well).
+  mean ± std over seeds of each seed's mean over its canaries (one seed: std over canaries;
+  ``exposure.json`` per run as well).
 
     python -m privasr.results --exp exp --canaries data/canaries/canaries.csv \\
         --holdout data/canaries/holdout.csv --methods "baseline pcc apcc" --seeds "1 2 3"
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from privasr.exposure import markdown_table, plot_exposure, score_exposure, summarize_by_insertions
+from privasr.exposure import markdown_table, plot_exposure, score_exposure, summarize_over_seeds
 from privasr.metrics import wer
 
 EXPOSURE_METRICS = {"cer": "CER", "score": "loss"}
@@ -79,14 +80,11 @@ def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
-def pooled_exposure(reports: list[dict]) -> dict[int, dict]:
-    """Exposure summary over the canaries of every seed of a method."""
-    insertions, exposures = [], []
-    for report in reports:
-        for entry in report["per_canary"]:
-            insertions.append(entry["insertions"])
-            exposures.append(entry["exposure"])
-    return summarize_by_insertions(insertions, exposures)
+def exposure_spread_note(seeds: int) -> str:
+    """The sentence under an exposure table saying what its ± is."""
+    if seeds > 1:
+        return f"Mean ± std over {seeds} seeds of each seed's mean exposure over its canaries."
+    return "One seed: mean ± std over its canaries (run-to-run spread needs --seeds with several seeds)."
 
 
 def collect(exp: Path, canaries: Path, holdout: Path, methods: list[str], seeds: list[str]) -> dict:
@@ -120,11 +118,11 @@ def write_results(exp: Path, results: dict) -> Path:
         lines.append(f"| {method} | {mean_std([r['wer'].get('train_eval') for r in runs])} | "
                      f"{mean_std([r['wer'].get('test') for r in runs])} | {mean_std([r['wer'].get('gap') for r in runs])} |")
     for metric, label in EXPOSURE_METRICS.items():
-        pooled = {m: pooled_exposure([r["exposure"][metric] for r in runs]) for m, runs in results.items()}
+        pooled = {m: summarize_over_seeds([r["exposure"][metric] for r in runs]) for m, runs in results.items()}
         plot = exp / f"exposure_{metric}.png"
         plot_exposure(pooled, plot, max_exposure=math.log2(holdout_size), title=f"Canary exposure (ranked by {label})")
         lines += ["", f"## Exposure ranked by {label} — Table 1", "",
-                  "Mean ± std over the canaries of all seeds.", "", markdown_table(pooled).rstrip(), "",
+                  exposure_spread_note(len(next(iter(results.values())))), "", markdown_table(pooled).rstrip(), "",
                   f"![exposure by {label}]({plot.name})"]
     path = exp / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -23,9 +23,11 @@ import yaml
 
 from privasr.core_log import markdown_table as core_markdown_table
 from privasr.core_log import plot_core_logs, read_core_logs, summarize
-from privasr.exposure import markdown_table, plot_exposure, score_exposure, summarize_by_insertions
+from privasr.exposure import markdown_table, plot_exposure, score_exposure, summarize_over_seeds
 from privasr.results import collect, mean_std
 
+SPREAD_NOTE = ("Mean ± std over a configuration's seeds of each seed's mean exposure over its canaries; "
+               "a configuration with one seed decoded shows the std over its canaries instead.")
 REQUIRED = ("total_batch", "pretrain_epochs", "finetune_epochs", "quantile_batches", "seeds", "configs")
 
 
@@ -82,7 +84,8 @@ def run_overrides(study: dict, name: str, quantiles_dir: Path) -> list[str]:
     return args
 
 
-def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: Path) -> Path:
+def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: Path,
+          commands: Path | None = None) -> Path:
     """exp/RESULTS.md of the study: one row per configuration, plots against B and bound."""
     names = list(study["configs"])
     decoded = {n: [str(s) for s in study["seeds"] if (exp / n / f"seed{s}" / "hyps" / "canaries.csv").exists()]
@@ -97,8 +100,8 @@ def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: 
              f"holdout |R| = {holdout_size} (ceiling {math.log2(holdout_size):.2f} bits).", "",
              "| configuration | seeds decoded |", "|---|---|", *[f"| {n} | {', '.join(decoded[n])} |" for n in done], ""]
     for metric, label in (("cer", "CER"), ("score", "loss")):
-        pooled = {n: _pooled(results[n], metric) for n in done}
-        lines += [f"## Exposure ranked by {label} (mean ± std over canaries × seeds)", "",
+        pooled = {n: summarize_over_seeds([r["exposure"][metric] for r in results[n]]) for n in done}
+        lines += [f"## Exposure ranked by {label}", "", SPREAD_NOTE, "",
                   markdown_table(pooled).rstrip(), ""]
         _plot_against(study, pooled, exp / f"exposure_vs_B_{metric}.png", "per_core", "per-core batch B", quantiles_dir)
         _plot_against(study, pooled, exp / f"exposure_vs_bound_{metric}.png", "bound", "clip bound b", quantiles_dir)
@@ -115,6 +118,9 @@ def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: 
                      f"{mean_std([r['wer'].get('test') for r in runs])} | {mean_std([r['wer'].get('dev') for r in runs])} | "
                      f"{mean_std([r['wer'].get('gap') for r in runs])} |")
     lines += core_diagnostics(exp, {n: decoded[n] for n in done})
+    if commands is not None and commands.is_file():
+        lines += ["", "## Commands that trained these runs (re-run any of them to resume or extend the grid)", "",
+                  "```", *commands.read_text().splitlines(), "```"]
     lines += ["", "Plots: exposure_vs_B_*.png (a line per insertion count), exposure_vs_bound_*.png, exposure_*.png, "
               "core_stats.png (per-core norms and clip scales of cores with and without a canary)."]
     path = exp / "RESULTS.md"
@@ -141,7 +147,7 @@ def core_diagnostics(exp: Path, decoded: dict[str, list[str]]) -> list[str]:
 
 
 def _extrapolated_loss_exposure(exp: Path, name: str, seeds: list[str], canaries: Path, holdout: Path) -> dict:
-    """Exposure by loss with the skew-normal extrapolation, pooled over the seeds (canaries × seeds)."""
+    """Exposure by loss with the skew-normal extrapolation, summarized over the seeds."""
     reports = []
     for seed in seeds:
         run_dir = exp / name / f"seed{seed}"
@@ -149,17 +155,7 @@ def _extrapolated_loss_exposure(exp: Path, name: str, seeds: list[str], canaries
                                 metric="score", method="extrapolation")
         (run_dir / "exposure_score_extrapolation.json").write_text(json.dumps(report, indent=1))
         reports.append(report)
-    return _pooled_reports(reports)
-
-
-def _pooled(runs: list[dict], metric: str) -> dict:
-    return _pooled_reports([r["exposure"][metric] for r in runs])
-
-
-def _pooled_reports(reports: list[dict]) -> dict:
-    """Exposure per insertion count over the canaries of several exposure reports (mean ± std)."""
-    canaries = [e for report in reports for e in report["per_canary"]]
-    return summarize_by_insertions([e["insertions"] for e in canaries], [e["exposure"] for e in canaries])
+    return summarize_over_seeds(reports)
 
 
 def _plot_against(study, pooled, path, key, xlabel, quantiles_dir):
@@ -211,6 +207,7 @@ def main(argv=None) -> int:
     sc.add_argument("study")
     for name in ("--exp", "--canaries", "--holdout", "--quantiles"):
         sc.add_argument(name, required=True, type=Path)
+    sc.add_argument("--commands", type=Path, help="file of the driver commands that trained the runs")
     args = p.parse_args(argv)
     try:
         study = load_study(args.study)
@@ -219,12 +216,12 @@ def main(argv=None) -> int:
         elif args.command == "quantiles-needed":
             for b, reduction in needed_quantiles(study):
                 print(b, reduction)
-        elif args.command == "plan":
-            for name in study["configs"]:
-                for seed in study["seeds"]:
+        elif args.command == "plan":  # seed-major: a partly run grid has every configuration at its first seed
+            for seed in study["seeds"]:
+                for name in study["configs"]:
                     print(name, seed, *run_overrides(study, name, args.quantiles))
         else:
-            print(score(study, args.exp, args.canaries, args.holdout, args.quantiles).read_text())
+            print(score(study, args.exp, args.canaries, args.holdout, args.quantiles, args.commands).read_text())
     except (OSError, ValueError, KeyError) as err:
         print(f"privasr.study: error: {err}", file=sys.stderr)
         return 2

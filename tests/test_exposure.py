@@ -10,7 +10,8 @@ import pytest
 from scipy.stats import skewnorm
 
 from privasr.exposure import (EXTRAPOLATION_CAP_BITS, compare_reports, error_rates, exposure_extrapolation,
-                              exposure_interpolation, markdown_table, ranks, score_exposure, summarize_by_insertions)
+                              exposure_interpolation, markdown_table, ranks, score_exposure, summarize_by_insertions,
+                              summarize_over_seeds)
 from tests.conftest import assert_one_line_error, run_privasr_cli
 
 HOLDOUT = [0.1, 0.2, 0.2, 0.5]
@@ -92,6 +93,22 @@ def test_summarize_by_insertions_hand_computed():
     summary = summarize_by_insertions([1, 1, 2, 4, 4, 4], [1.0, 3.0, 5.0, 0.0, 3.0, 6.0])
     assert summary == {1: {"mean": 2.0, "std": 1.0, "n": 1 + 1}, 2: {"mean": 5.0, "std": 0.0, "n": 1},
                        4: {"mean": 3.0, "std": pytest.approx(math.sqrt(6.0)), "n": 3}}
+
+
+def _report(pairs):
+    return {"per_canary": [{"insertions": k, "exposure": e} for k, e in pairs]}
+
+
+def test_summarize_over_seeds_is_the_spread_of_per_seed_means():
+    # seed 1: x1 canaries 1, 3 (mean 2); x4: 6.  seed 2: x1 canaries 4, 6 (mean 5); x4: 8.
+    summary = summarize_over_seeds([_report([(1, 1.0), (1, 3.0), (4, 6.0)]), _report([(1, 4.0), (1, 6.0), (4, 8.0)])])
+    assert summary == {1: {"mean": 3.5, "std": 1.5, "n": 2, "over": "seeds"},
+                       4: {"mean": 7.0, "std": 1.0, "n": 2, "over": "seeds"}}
+    # pooled over canaries x seeds the x1 std would be sqrt(((1-3.5)^2+(3-3.5)^2+(4-3.5)^2+(6-3.5)^2)/4) = 1.80
+    one = summarize_over_seeds([_report([(1, 1.0), (1, 3.0)])])
+    assert one == {1: {"mean": 2.0, "std": 1.0, "n": 2, "over": "canaries"}}
+    with pytest.raises(ValueError, match="no exposure reports"):
+        summarize_over_seeds([])
 
 
 def test_error_rates_hand_computed():

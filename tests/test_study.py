@@ -39,3 +39,5 @@ def test_quick_study_end_to_end(tmp_path):
     assert (tmp_path / "exp" / "pcc_B2_p10" / "seed1" / "exposure_score_extrapolation.json").exists()
     assert "| pec_p50 |" in report.split("## Clipping of cores")[1]
     assert (tmp_path / "exp" / "core_stats.png").stat().st_size > 1000
+    # the exact driver command that trained the runs, for re-running the grid
+    assert "run_study.sh --quick true --jobs 2" in report.split("## Commands that trained these runs")[1]

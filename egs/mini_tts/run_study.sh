@@ -23,6 +23,7 @@ corpus_args="--num-train 3000 --num-dev 200 --num-test 200"
 canary_args="--per-count 10 --holdout 4000"
 quick=false
 seeds=""          # empty: the seeds of $study
+invocation="egs/mini_tts/run_study.sh$(printf ' %q' "$@")"
 parse_options "$@"
 require_bool quick
 if [ "$quick" = true ]; then
@@ -38,6 +39,7 @@ study_py() { $python -m privasr.study "$@"; }
 stage_pretrain() {
   if [ -f "$exp/pretrain/.trained" ]; then log "pre-training already done"; return; fi
   local epochs; epochs=$(study_py get "$study" pretrain_epochs)
+  mkdir -p "$exp/pretrain"
   launch_train "$exp/pretrain" --mode train --clipping none --virtual_cores 1 --train_csv "$data/train.csv" \
     --number_of_epochs "$epochs" >> "$exp/pretrain.log" 2>&1 || die "pre-training failed; see $exp/pretrain.log"
   touch "$exp/pretrain/.trained"
@@ -81,6 +83,8 @@ finetune_one() {  # finetune_one NAME SEED OVERRIDES...
 
 stage_finetune() {
   threads=$(( $(nproc) / jobs )); [ "$threads" -ge 1 ] || threads=1
+  # RESULTS.md lists the commands that trained its runs
+  grep -qxF -- "$invocation" "$exp/commands.txt" 2>/dev/null || echo "$invocation" >> "$exp/commands.txt"
   local running=0 failed=0
   while read -r name seed rest; do
     # shellcheck disable=SC2086
@@ -104,7 +108,6 @@ stage_decode_grid() {
 }
 
 seeds_override=$seeds
-mkdir -p "$exp" "$data"
 if in_stage 0 "corpus"; then corpus_prepare; fi
 if in_stage 1 "manifests"; then corpus_manifests; fi
 if in_stage 2 "canaries (holdout 4,000)"; then stage_canaries; fi
@@ -114,7 +117,7 @@ if in_stage 5 "per-core norm quantiles of the pre-trained model"; then stage_qua
 if in_stage 6 "fine-tune the grid with canaries ($jobs at a time)"; then stage_finetune; fi
 if in_stage 7 "decode"; then stage_decode_grid; fi
 if in_stage 8 "score -> $exp/RESULTS.md"; then
-  study_py score "$study" --exp "$exp" --canaries "$data/canaries/canaries.csv" \
+  study_py score "$study" --exp "$exp" --commands "$exp/commands.txt" --canaries "$data/canaries/canaries.csv" \
     --holdout "$data/canaries/holdout.csv" --quantiles "$exp/quantiles"
 fi
 log "done (stages $stage..$stop_stage)"
