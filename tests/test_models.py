@@ -287,3 +287,25 @@ def test_ctc_infeasible_counts_frames_against_labels_plus_repeats():
     assert ctc_infeasible(frames - 1, tokens, token_lens).tolist() == [True, True, True]
     # a repeat in the padding does not count
     assert not ctc_infeasible(torch.tensor([2]), torch.tensor([[1, 2, 9, 9]]), torch.tensor([2])).any()
+
+
+def test_valid_loss_is_on_the_training_loss_scale():
+    """With loss_reduction mean, the per-utterance evaluation loss averaged over a batch equals
+    PyTorch's own CTC 'mean' (per target token, then over the batch), the scale training logs."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from privasr.asr.brain import ASRBrain
+
+    torch.manual_seed(0)
+    log_probs = torch.randn(3, 12, 6).log_softmax(-1)
+    tokens = torch.tensor([[1, 2, 3, 4], [2, 2, 0, 0], [5, 0, 0, 0]])
+    token_abs = torch.tensor([4, 2, 1])
+    per_utt = F.ctc_loss(log_probs.transpose(0, 1), tokens, torch.full((3,), 12), token_abs, reduction="none")
+    batch = SimpleNamespace(tokens=(tokens, token_abs / 4))
+    as_mean = ASRBrain.comparable_losses(SimpleNamespace(hparams=SimpleNamespace(loss_reduction="mean")), per_utt, batch)
+    reference = F.ctc_loss(log_probs.transpose(0, 1), tokens, torch.full((3,), 12), token_abs, reduction="mean")
+    assert torch.allclose(as_mean.mean(), reference)
+    as_sum = ASRBrain.comparable_losses(SimpleNamespace(hparams=SimpleNamespace(loss_reduction="sum")), per_utt, batch)
+    assert torch.equal(as_sum, per_utt)

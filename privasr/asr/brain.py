@@ -22,6 +22,7 @@ from privasr.canaries import canary_id_of, read_canaries
 from privasr.core_log import shard_partition
 from privasr.decoding import ctc_greedy_decode, ctc_prefix_beam_search
 from privasr.metrics import cer, wer
+from privasr.models.encoder import relative_to_absolute
 
 logger = logging.getLogger(__name__)
 
@@ -102,13 +103,25 @@ class ASRBrain(PrivateBrain):
         return self.modules.model.loss(out, out_lens, tokens, token_lens, reduction="none")
 
     def compute_objectives(self, predictions, batch, stage):
-        losses = self.per_utterance_loss(predictions, batch)
+        losses = self.comparable_losses(self.per_utterance_loss(predictions, batch), batch)
         finite = losses[torch.isfinite(losses)]
         loss = finite.mean() if finite.numel() else torch.zeros(())
         if stage != sb.Stage.TRAIN:
             self._references += list(batch.wrd)
             self._hypotheses += self.decode(predictions, batch)
         return loss
+
+    def comparable_losses(self, losses, batch):
+        """Per-utterance losses on the training loss's scale, so valid and train loss can be compared.
+
+        With ``loss_reduction: mean`` training minimizes each utterance's loss divided by its token
+        count (averaged over utterances), so evaluation divides by the token count too; with ``sum``
+        it stays the utterance's total loss.
+        """
+        if self.hparams.loss_reduction != "mean":
+            return losses
+        tokens, token_lens = batch.tokens
+        return losses / relative_to_absolute(token_lens, tokens.shape[1]).clamp(min=1).to(losses.dtype)
 
     def decode(self, predictions, batch) -> list[str]:
         """Transcripts of a batch: CTC greedy / prefix beam search, or transducer greedy."""
