@@ -56,7 +56,6 @@ stage_dp_results() {
 
 run_dp_stages() {
   case "$baseline" in true|false) ;; *) die "--baseline takes true or false, got '$baseline'" ;; esac
-  mkdir -p "$exp" "$data"
   if in_stage 0 "corpus"; then corpus_prepare; fi
   if in_stage 1 "manifests"; then corpus_manifests; fi
   if in_stage 2 "tokenizer"; then stage_tokenizer; fi

@@ -21,10 +21,11 @@ virtual_cores=                    # cores each process emulates (empty: the YAML
 methods="baseline pcc apcc"       # any of: baseline global pcc apcc pec
 seeds="1"
 clip_bound=                       # empty: the YAML's value
+vocab_size=                       # tokenizer and model output size; empty: the recipe YAML's
 exp=exp                           # results go here
 data=data
 train_args=""                     # extra overrides for train.py, e.g. "--number_of_epochs=2"
-known_options="stage stop_stage nj nproc virtual_cores methods seeds clip_bound exp data train_args ${extra_options:-}"
+known_options="stage stop_stage nj nproc virtual_cores methods seeds clip_bound vocab_size exp data train_args ${extra_options:-}"
 
 log() { echo "$(date '+%Y-%m-%d %H:%M:%S') [$(basename "$0")] $*"; }
 die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
@@ -89,6 +90,7 @@ launch_train() {  # launch_train OUTPUT_DIR OVERRIDES... : the recipe's train.py
   python_launcher
   # shellcheck disable=SC2206
   local extra=($train_args $(backend_args))
+  [ -n "$vocab_size" ] && extra=(--vocab_size "$vocab_size" "${extra[@]}")
   "${launcher[@]}" "$PRIVASR_ROOT/$recipe/train.py" "$PRIVASR_ROOT/$recipe/$hparams" --output_folder "$out" \
     --data_folder "$data" --tokenizer_dir "$data/tokenizer" "${extra[@]}" "$@"
 }
@@ -108,15 +110,15 @@ stage_canaries() {
   touch "$data/canaries/.done"
 }
 
-tokenizer_from_hparams() {  # the tokenizer the recipe YAML declares (vocab_size, tokenizer_type)
+tokenizer_from_hparams() {  # the tokenizer the recipe YAML declares (vocab_size unless --vocab_size, tokenizer_type)
   $python -c "import sys; from privasr.faults import yaml_defaults; h = yaml_defaults(sys.argv[1]);
-print('--vocab-size', h['vocab_size'], '--model-type', h['tokenizer_type'])" "$PRIVASR_ROOT/$recipe/$hparams"
+print('--vocab-size', sys.argv[2] or h['vocab_size'], '--model-type', h['tokenizer_type'])" \
+    "$PRIVASR_ROOT/$recipe/$hparams" "$vocab_size"
 }
 
 stage_tokenizer() {
   # shellcheck disable=SC2046
-  $python -m privasr.tokenizer --manifest "$data/train.csv" --out "$data/tokenizer" \
-    ${tokenizer_args:-$(tokenizer_from_hparams)}
+  $python -m privasr.tokenizer --manifest "$data/train.csv" --out "$data/tokenizer" $(tokenizer_from_hparams)
 }
 
 stage_train() {
@@ -151,7 +153,6 @@ stage_score() {
 
 run_stages() {
   local m; for m in $methods; do clipping_of "$m" > /dev/null; done  # refuse unknown methods up front
-  mkdir -p "$exp" "$data"
   if in_stage 0 "corpus"; then corpus_prepare; fi
   if in_stage 1 "manifests"; then corpus_manifests; fi
   if in_stage 2 "canaries"; then stage_canaries; fi

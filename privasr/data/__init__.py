@@ -4,6 +4,7 @@
 * :mod:`privasr.data.text_source` -- the offline English sentence generator behind mini_tts.
 * :mod:`privasr.data.mini_tts` -- a small corpus synthesized on the machine (espeak-ng, flite, sox).
 * :mod:`privasr.data.librispeech` -- LibriSpeech directory tree to manifests.
+* :mod:`privasr.data.librilight` -- Libri-Light audio tree to an audio-only manifest (pre-training).
 
 This module also holds the two conventions every privasr command line shares:
 

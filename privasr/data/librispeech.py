@@ -10,10 +10,15 @@ file is ``<utterance id> <TRANSCRIPT>``. The manifest ``<out>/<split>.csv`` gets
 transcript line: ``ID`` the utterance id, ``duration`` from :func:`soundfile.info`, ``wav``
 the absolute FLAC path, ``spk_id`` the speaker, ``wrd`` the transcript. Rows are sorted by ID.
 
+With ``--recipe-dir DATA --train-splits ...`` it also writes the recipe's three manifests:
+``DATA/train.csv`` (the train splits concatenated), ``DATA/dev.csv`` (dev-clean) and
+``DATA/test.csv`` (test-clean) -- again only when they are missing or were made from other splits.
+
 Usage::
 
     python -m privasr.data.librispeech --root /data/LibriSpeech \\
-        --splits train-clean-100 dev-clean test-clean --out data/librispeech [--nj 4]
+        --splits train-clean-100 dev-clean test-clean --out data/librispeech [--nj 4] \\
+        [--recipe-dir data --train-splits train-clean-100]
 """
 from __future__ import annotations
 
@@ -27,9 +32,9 @@ import soundfile
 from tqdm import tqdm
 
 from privasr.data import CliParser, is_done, mark_done, run_cli
-from privasr.data.manifest import Utterance, write_manifest
+from privasr.data.manifest import Utterance, read_manifest, write_manifest
 
-__all__ = ["prepare_librispeech", "find_split", "read_transcripts", "DEFAULT_SPLITS"]
+__all__ = ["prepare_librispeech", "write_recipe_manifests", "find_split", "read_transcripts", "DEFAULT_SPLITS"]
 
 log = logging.getLogger(__name__)
 
@@ -133,20 +138,52 @@ def _prepare_split(split: str, split_dir: Path, out_dir: Path, nj: int) -> Path:
     return manifest
 
 
+def write_recipe_manifests(prepared: dict[str, Path], recipe_dir: str | Path, train_splits: Sequence[str],
+                           dev_split: str = "dev-clean", test_split: str = "test-clean") -> dict[str, Path]:
+    """``recipe_dir/{train,dev,test}.csv`` from the per-split manifests ``prepared`` (see
+    :func:`prepare_librispeech`); skipped when written before from the same splits."""
+    missing = [s for s in (*train_splits, dev_split, test_split) if s not in prepared]
+    if missing:
+        raise ValueError(f"split(s) {', '.join(missing)} not prepared; add them to --splits")
+    recipe_dir = Path(recipe_dir)
+    outputs = {name: recipe_dir / f"{name}.csv" for name in ("train", "dev", "test")}
+    marker = recipe_dir / ".librispeech_recipe.done"
+    params = {"train": list(train_splits), "dev": dev_split, "test": test_split,
+              "sources": {s: str(Path(prepared[s]).resolve()) for s in (*train_splits, dev_split, test_split)}}
+    if is_done(marker, params, outputs.values()):
+        log.info("%s/{train,dev,test}.csv already written (nothing to do)", recipe_dir)
+        return outputs
+    write_manifest(outputs["train"], [u for s in train_splits for u in read_manifest(prepared[s])])
+    write_manifest(outputs["dev"], read_manifest(prepared[dev_split]))
+    write_manifest(outputs["test"], read_manifest(prepared[test_split]))
+    mark_done(marker, params)
+    log.info("%s: train.csv (%s), dev.csv (%s), test.csv (%s)", recipe_dir, " + ".join(train_splits),
+             dev_split, test_split)
+    return outputs
+
+
 def _parser() -> CliParser:
     parser = CliParser(prog="python -m privasr.data.librispeech", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="the LibriSpeech directory (or its parent)")
     parser.add_argument("--splits", nargs="+", default=list(DEFAULT_SPLITS), help="default: %(default)s")
     parser.add_argument("--out", required=True, help="output directory for <split>.csv")
     parser.add_argument("--nj", type=int, default=1, help="parallel jobs reading durations")
+    parser.add_argument("--recipe-dir", help="also write the recipe's train.csv, dev.csv and test.csv here")
+    parser.add_argument("--train-splits", nargs="+", help="the splits concatenated into train.csv (with --recipe-dir)")
     return parser
 
 
 def _main(argv: Sequence[str] | None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for split, path in prepare_librispeech(args.root, args.splits, args.out, nj=args.nj).items():
+    if args.recipe_dir and not args.train_splits:
+        raise ValueError("--recipe-dir needs --train-splits")
+    prepared = prepare_librispeech(args.root, args.splits, args.out, nj=args.nj)
+    for split, path in prepared.items():
         print(f"{split}: {path}")
+    if args.recipe_dir:
+        for name, path in write_recipe_manifests(prepared, args.recipe_dir, args.train_splits).items():
+            print(f"{name}: {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
