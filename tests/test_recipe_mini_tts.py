@@ -21,7 +21,7 @@ def run(*args, timeout=600):
 def quick_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("mini_tts")
     data, exp = str(work / "data"), str(work / "exp")
-    result = run("--quick", "true", "--data", data, "--exp", exp, "--methods", "baseline pcc apcc")
+    result = run("--quick", "true", "--data", data, "--exp", exp, "--methods", "baseline pcc apcc", "--jobs", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return work, data, exp, result
 

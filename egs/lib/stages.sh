@@ -17,6 +17,7 @@ stage=0
 stop_stage=6
 nj=2                              # parallel jobs for synthesis / preparation
 nproc=1                           # DDP processes per training run (torchrun)
+jobs=1                            # training runs at a time (each gets $(nproc)/jobs CPU threads)
 virtual_cores=                    # cores each process emulates (empty: the YAML's value)
 methods="baseline pcc apcc"       # any of: baseline global pcc apcc pec
 seeds="1"
@@ -25,7 +26,7 @@ vocab_size=                       # tokenizer and model output size; empty: the 
 exp=exp                           # results go here
 data=data
 train_args=""                     # extra overrides for train.py, e.g. "--number_of_epochs=2"
-known_options="stage stop_stage nj nproc virtual_cores methods seeds clip_bound vocab_size exp data train_args ${extra_options:-}"
+known_options="stage stop_stage nj nproc jobs virtual_cores methods seeds clip_bound vocab_size exp data train_args ${extra_options:-}"
 
 log() { echo "$(date '+%Y-%m-%d %H:%M:%S') [$(basename "$0")] $*"; }
 die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
@@ -103,6 +104,19 @@ train_command() {  # train_command METHOD SEED EXTRA... : one run of the method 
   launch_train "$(run_dir "$method" "$seed")" "${args[@]}" "$@"
 }
 
+in_parallel() {  # in_parallel FUNCTION < LINES : FUNCTION <the words of a line> per line, $jobs at a time
+  local fn=$1 line running=0 failed=0 threads=$(( $(nproc) / jobs ))
+  [ "$threads" -ge 1 ] || threads=1
+  while read -r line; do
+    # shellcheck disable=SC2086
+    if [ "$jobs" -gt 1 ]; then (export OMP_NUM_THREADS=$threads; "$fn" $line) & else "$fn" $line & fi
+    running=$((running + 1))
+    if [ "$running" -ge "$jobs" ]; then wait -n || failed=1; running=$((running - 1)); fi
+  done
+  while [ "$running" -gt 0 ]; do wait -n || failed=1; running=$((running - 1)); done
+  return "$failed"
+}
+
 stage_canaries() {
   if [ -f "$data/canaries/.done" ]; then log "canaries already made"; return; fi
   privasr-canaries --train-in "$data/train.csv" --train-out "$data/train_with_canaries.csv" \
@@ -121,18 +135,21 @@ stage_tokenizer() {
   $python -m privasr.tokenizer --manifest "$data/train.csv" --out "$data/tokenizer" $(tokenizer_from_hparams)
 }
 
+train_one() {  # train_one METHOD SEED
+  local method=$1 seed=$2 dir; dir=$(run_dir "$1" "$2")
+  if [ -f "$dir/.trained" ]; then log "$method seed $seed already trained"; return 0; fi
+  log "training $method seed $seed (log: $dir/train.log; progress: tensorboard --logdir $dir/tensorboard)"
+  mkdir -p "$dir"
+  train_command "$method" "$seed" --mode train >> "$dir/train.log" 2>&1 \
+    || { log "FAILED: training $method seed $seed; see $dir/train.log"; return 1; }
+  log "trained $method seed $seed: $(tail -n 1 "$dir/train_log.txt")"
+  touch "$dir/.trained"
+}
+
 stage_train() {
   local method seed
-  for seed in $seeds; do for method in $methods; do
-    if [ -f "$(run_dir "$method" "$seed")/.trained" ]; then log "$method seed $seed already trained"; continue; fi
-    local dir; dir=$(run_dir "$method" "$seed")
-    log "training $method seed $seed (log: $dir/train.log; progress: tensorboard --logdir $dir/tensorboard)"
-    mkdir -p "$dir"
-    train_command "$method" "$seed" --mode train >> "$dir/train.log" 2>&1 \
-      || die "training $method seed $seed failed; see $dir/train.log"
-    tail -n 2 "$dir/train_log.txt" | sed "s/^/    /"
-    touch "$dir/.trained"
-  done; done
+  in_parallel train_one < <(for seed in $seeds; do for method in $methods; do echo "$method $seed"; done; done) \
+    || die "some training runs failed (see the FAILED lines)"
 }
 
 stage_decode() {

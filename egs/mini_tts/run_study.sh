@@ -10,14 +10,13 @@
 cd "$(dirname "$0")"
 recipe=recipes/mini_tts/ASR/conformer
 hparams=hparams/conformer_ctc.yaml
-extra_options="study jobs configs corpus_args canary_args quick"
+extra_options="study configs corpus_args canary_args quick"
 source ../lib/stages.sh   # the library's defaults first, then this driver's
 source corpus.sh
 study=conf/study.yaml
 data=data_study
 exp=exp_study
 stop_stage=8
-jobs=1
 configs=""        # empty: every configuration of $study
 corpus_args="--num-train 3000 --num-dev 200 --num-test 200"
 canary_args="--per-count 10 --holdout 4000"
@@ -75,25 +74,16 @@ finetune_one() {  # finetune_one NAME SEED OVERRIDES...
   # Start from the pre-trained checkpoint: the epoch counter continues from it, so
   # number_of_epochs = pretrain + finetune epochs. Copied once; later runs resume their own.
   [ -d "$dir/save" ] || cp -r "$exp/pretrain/save" "$dir/save"
-  OMP_NUM_THREADS=$threads launch_train "$dir" --mode train --seed "$seed" "$@" >> "$dir/train.log" 2>&1 \
+  launch_train "$dir" --mode train --seed "$seed" "$@" >> "$dir/train.log" 2>&1 \
     || { log "FAILED: $name seed $seed (see $dir/train.log)"; return 1; }
   touch "$dir/.trained"
   log "fine-tuned $name seed $seed"
 }
 
 stage_finetune() {
-  threads=$(( $(nproc) / jobs )); [ "$threads" -ge 1 ] || threads=1
   # RESULTS.md lists the commands that trained its runs
   grep -qxF -- "$invocation" "$exp/commands.txt" 2>/dev/null || echo "$invocation" >> "$exp/commands.txt"
-  local running=0 failed=0
-  while read -r name seed rest; do
-    # shellcheck disable=SC2086
-    finetune_one "$name" "$seed" $rest &
-    running=$((running + 1))
-    if [ "$running" -ge "$jobs" ]; then wait -n || failed=1; running=$((running - 1)); fi
-  done < <(planned_runs)
-  while [ "$running" -gt 0 ]; do wait -n || failed=1; running=$((running - 1)); done
-  [ "$failed" -eq 0 ] || die "some fine-tuning runs failed (see the FAILED lines)"
+  in_parallel finetune_one < <(planned_runs) || die "some fine-tuning runs failed (see the FAILED lines)"
 }
 
 stage_decode_grid() {
