@@ -41,3 +41,17 @@ def test_quick_study_end_to_end(tmp_path):
     assert (tmp_path / "exp" / "core_stats.png").stat().st_size > 1000
     # the exact driver command that trained the runs, for re-running the grid
     assert "run_study.sh --quick true --jobs 2" in report.split("## Commands that trained these runs")[1]
+
+    # a canary variant (rarity): its own canaries and results, the same corpus, pre-training and quantiles
+    pretrain_ckpts = sorted(os.listdir(tmp_path / "exp" / "pretrain" / "save"))
+    variant = subprocess.run(cmd + ["--variant", "rare", "--canary_args", "--per-count 1 --counts 1 4 --holdout 20",
+                                    "--configs", "baseline pcc_B2_p10"], capture_output=True, text=True, timeout=600)
+    assert variant.returncode == 0, variant.stdout[-3000:] + variant.stderr[-3000:]
+    assert "pre-training already done" in variant.stdout
+    assert sorted(os.listdir(tmp_path / "exp" / "pretrain" / "save")) == pretrain_ckpts
+    rare = (tmp_path / "exp" / "rare" / "RESULTS.md").read_text()
+    assert "| baseline |" in rare and "| pcc_B2_p10 |" in rare and "| apcc_B2 |" not in rare
+    canaries = (tmp_path / "data" / "canaries_rare" / "canaries.csv").read_text().splitlines()
+    assert len(canaries) == 1 + 2  # one canary per count, counts 1 and 4
+    inserted = (tmp_path / "data" / "canaries_rare" / "train_with_canaries.csv").read_text()
+    assert all(inserted.count(line.split(",")[0] + "_r") == int(line.rsplit(",", 1)[1]) for line in canaries[1:])

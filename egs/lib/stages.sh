@@ -117,11 +117,13 @@ in_parallel() {  # in_parallel FUNCTION < LINES : FUNCTION <the words of a line>
   return "$failed"
 }
 
-stage_canaries() {
-  if [ -f "$data/canaries/.done" ]; then log "canaries already made"; return; fi
-  privasr-canaries --train-in "$data/train.csv" --train-out "$data/train_with_canaries.csv" \
-    --out "$data/canaries" --nj "$nj" $canary_args
-  touch "$data/canaries/.done"
+stage_canaries() {  # stage_canaries [DIR]: canaries, holdout and the training manifest with them
+  local dir=${1:-$data/canaries} train_out=$data/train_with_canaries.csv
+  [ "$dir" = "$data/canaries" ] || train_out=$dir/train_with_canaries.csv  # a variant keeps its own
+  if [ -f "$dir/.done" ]; then log "canaries already made in $dir"; return; fi
+  # shellcheck disable=SC2086
+  privasr-canaries --train-in "$data/train.csv" --train-out "$train_out" --out "$dir" --nj "$nj" $canary_args
+  touch "$dir/.done"
 }
 
 tokenizer_from_hparams() {  # the tokenizer the recipe YAML declares (vocab_size unless --vocab_size, tokenizer_type)

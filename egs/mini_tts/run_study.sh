@@ -5,12 +5,14 @@
 #   egs/mini_tts/run_study.sh --jobs 2            # two fine-tunings at a time (1 thread each)
 #   egs/mini_tts/run_study.sh --stage 6 --configs "baseline pcc_B2_p10" --seeds "1"
 #   egs/mini_tts/run_study.sh --quick true        # minutes: tiny corpus and model, conf/study_quick.yaml
+#   egs/mini_tts/run_study.sh --variant rare --canary_args "--per-count 2 --holdout 4000" --stage 2
+#       # canary rarity: other canaries on the same corpus, the same pre-training -> exp_study/rare/RESULTS.md
 # Stages: 0 corpus, 1 manifests, 2 canaries (holdout 4,000), 3 tokenizer, 4 pre-train,
 #         5 norm quantiles, 6 fine-tune grid, 7 decode, 8 score.
 cd "$(dirname "$0")"
 recipe=recipes/mini_tts/ASR/conformer
 hparams=hparams/conformer_ctc.yaml
-extra_options="study configs corpus_args canary_args quick"
+extra_options="study configs corpus_args canary_args quick variant"
 source ../lib/stages.sh   # the library's defaults first, then this driver's
 source corpus.sh
 study=conf/study.yaml
@@ -18,20 +20,28 @@ data=data_study
 exp=exp_study
 stop_stage=8
 configs=""        # empty: every configuration of $study
-corpus_args="--num-train 3000 --num-dev 200 --num-test 200"
-canary_args="--per-count 10 --holdout 4000"
+corpus_args=""    # empty: the variant's (full or quick) corpus size
+canary_args=""    # empty: 10 canaries per count and a 4,000 holdout (quick: 2 per count, counts 1 4, holdout 20)
 quick=false
 seeds=""          # empty: the seeds of $study
+variant=""        # a canary variant (--canary_args) of the same corpus and pre-training; results in $exp/$variant
 invocation="egs/mini_tts/run_study.sh$(printf ' %q' "$@")"
 parse_options "$@"
 require_bool quick
 if [ "$quick" = true ]; then
   study=conf/study_quick.yaml; data=${data/#data_study/data_study_quick}; exp=${exp/#exp_study/exp_study_quick}
-  corpus_args="--num-train 120 --num-dev 20 --num-test 20"
-  canary_args="--per-count 2 --counts 1 4 --holdout 20"
+  : "${corpus_args:=--num-train 120 --num-dev 20 --num-test 20}" "${canary_args:=--per-count 2 --counts 1 4 --holdout 20}"
   train_args="--train_eval_size=20 --model_size=tiny $train_args"
 fi
+: "${corpus_args:=--num-train 3000 --num-dev 200 --num-test 200}" "${canary_args:=--per-count 10 --holdout 4000}"
 methods=baseline  # the stage library's method list is not used here
+canaries=$data/canaries; runs=$exp; canary_overrides=()
+if [ -n "$variant" ]; then
+  [[ "$variant" =~ ^[A-Za-z0-9_-]+$ ]] || die "--variant takes a name of letters, digits, - and _, got '$variant'"
+  canaries=$data/canaries_$variant; runs=$exp/$variant
+  canary_overrides=(--train_csv "$canaries/train_with_canaries.csv" --canaries_csv "$canaries/canaries.csv"
+                    --holdout_csv "$canaries/holdout.csv")
+fi
 
 study_py() { $python -m privasr.study "$@"; }
 
@@ -68,13 +78,13 @@ planned_runs() {  # "name seed overrides..." of the selected configurations and 
 
 finetune_one() {  # finetune_one NAME SEED OVERRIDES...
   local name=$1 seed=$2; shift 2
-  local dir="$exp/$name/seed$seed"
+  local dir="$runs/$name/seed$seed"
   [ -f "$dir/.trained" ] && { log "$name seed $seed already fine-tuned"; return 0; }
   mkdir -p "$dir"
   # Start from the pre-trained checkpoint: the epoch counter continues from it, so
   # number_of_epochs = pretrain + finetune epochs. Copied once; later runs resume their own.
   [ -d "$dir/save" ] || cp -r "$exp/pretrain/save" "$dir/save"
-  launch_train "$dir" --mode train --seed "$seed" "$@" >> "$dir/train.log" 2>&1 \
+  launch_train "$dir" --mode train --seed "$seed" "$@" "${canary_overrides[@]}" >> "$dir/train.log" 2>&1 \
     || { log "FAILED: $name seed $seed (see $dir/train.log)"; return 1; }
   touch "$dir/.trained"
   log "fine-tuned $name seed $seed"
@@ -82,32 +92,35 @@ finetune_one() {  # finetune_one NAME SEED OVERRIDES...
 
 stage_finetune() {
   # RESULTS.md lists the commands that trained its runs
-  grep -qxF -- "$invocation" "$exp/commands.txt" 2>/dev/null || echo "$invocation" >> "$exp/commands.txt"
+  mkdir -p "$runs"
+  grep -qxF -- "$invocation" "$runs/commands.txt" 2>/dev/null || echo "$invocation" >> "$runs/commands.txt"
   in_parallel finetune_one < <(planned_runs) || die "some fine-tuning runs failed (see the FAILED lines)"
 }
 
+decode_one() {  # decode_one NAME SEED OVERRIDES...
+  local name=$1 seed=$2; shift 2
+  local dir="$runs/$name/seed$seed"
+  [ -f "$dir/hyps/.done" ] && return 0
+  launch_train "$dir" --mode decode --decode_checkpoint last --seed "$seed" "$@" "${canary_overrides[@]}" \
+    >> "$dir/decode.log" 2>&1 || { log "FAILED: decoding $name seed $seed (see $dir/decode.log)"; return 1; }
+  touch "$dir/hyps/.done"
+}
+
 stage_decode_grid() {
-  while read -r name seed rest; do
-    local dir="$exp/$name/seed$seed"
-    [ -f "$dir/hyps/.done" ] && continue
-    # shellcheck disable=SC2086
-    launch_train "$dir" --mode decode --decode_checkpoint last --seed "$seed" $rest >> "$dir/decode.log" 2>&1 \
-      || die "decoding $name seed $seed failed; see $dir/decode.log"
-    touch "$dir/hyps/.done"
-  done < <(planned_runs)
+  in_parallel decode_one < <(planned_runs) || die "some decoding runs failed (see the FAILED lines)"
 }
 
 seeds_override=$seeds
 if in_stage 0 "corpus"; then corpus_prepare; fi
 if in_stage 1 "manifests"; then corpus_manifests; fi
-if in_stage 2 "canaries (holdout 4,000)"; then stage_canaries; fi
+if in_stage 2 "canaries ($canary_args) -> $canaries"; then stage_canaries "$canaries"; fi
 if in_stage 3 "tokenizer"; then stage_tokenizer; fi
 if in_stage 4 "pre-train without canaries"; then stage_pretrain; fi
 if in_stage 5 "per-core norm quantiles of the pre-trained model"; then stage_quantiles; fi
-if in_stage 6 "fine-tune the grid with canaries ($jobs at a time)"; then stage_finetune; fi
+if in_stage 6 "fine-tune the grid with canaries ($jobs at a time) -> $runs"; then stage_finetune; fi
 if in_stage 7 "decode"; then stage_decode_grid; fi
-if in_stage 8 "score -> $exp/RESULTS.md"; then
-  study_py score "$study" --exp "$exp" --commands "$exp/commands.txt" --canaries "$data/canaries/canaries.csv" \
-    --holdout "$data/canaries/holdout.csv" --quantiles "$exp/quantiles"
+if in_stage 8 "score -> $runs/RESULTS.md"; then
+  study_py score "$study" --exp "$runs" --commands "$runs/commands.txt" --canaries "$canaries/canaries.csv" \
+    --holdout "$canaries/holdout.csv" --quantiles "$exp/quantiles"
 fi
 log "done (stages $stage..$stop_stage)"
