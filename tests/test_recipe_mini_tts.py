@@ -1,6 +1,7 @@
 """The main job's quick configuration end to end (stages 0-6), and the stage grammar."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -63,6 +64,21 @@ def test_rerun_skips_work_already_done(quick_run):
     assert "baseline seed 1 already trained" in result.stdout
     assert "pcc seed 1 already decoded" in result.stdout
     assert "canaries already made" in result.stdout
+
+
+def test_tokenizer_options_override_the_yaml(quick_run):
+    """--tokenizer_type / --vocab_size: sentencepiece pieces instead of the YAML's characters (the
+    paper-faithful fast canary needs them), for the tokenizer stage and the model alike."""
+    work, data, _, _ = quick_run
+    other = work / "data_unigram"
+    other.mkdir()
+    for name in ("train.csv", "dev.csv", "test.csv"):
+        shutil.copy(os.path.join(data, name), other / name)
+    result = run("--quick", "true", "--data", str(other), "--tokenizer_type", "unigram", "--vocab_size", "60",
+                 "--stage", "3", "--stop_stage", "3")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    config = json.loads((other / "tokenizer" / "tokenizer.json").read_text())
+    assert (config["model_type"], config["vocab_size"]) == ("unigram", 60)
 
 
 def test_two_cpu_processes_train_under_torchrun(quick_run):

@@ -23,10 +23,11 @@ methods="baseline pcc apcc"       # any of: baseline global pcc apcc pec
 seeds="1"
 clip_bound=                       # empty: the YAML's value
 vocab_size=                       # tokenizer and model output size; empty: the recipe YAML's
+tokenizer_type=                   # char | unigram | bpe; empty: the recipe YAML's
 exp=exp                           # results go here
 data=data
 train_args=""                     # extra overrides for train.py, e.g. "--number_of_epochs=2"
-known_options="stage stop_stage nj nproc jobs virtual_cores methods seeds clip_bound vocab_size exp data train_args ${extra_options:-}"
+known_options="stage stop_stage nj nproc jobs virtual_cores methods seeds clip_bound vocab_size tokenizer_type exp data train_args ${extra_options:-}"
 
 log() { echo "$(date '+%Y-%m-%d %H:%M:%S') [$(basename "$0")] $*"; }
 die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
@@ -92,6 +93,7 @@ launch_train() {  # launch_train OUTPUT_DIR OVERRIDES... : the recipe's train.py
   # shellcheck disable=SC2206
   local extra=($train_args $(backend_args))
   [ -n "$vocab_size" ] && extra=(--vocab_size "$vocab_size" "${extra[@]}")
+  [ -n "$tokenizer_type" ] && extra=(--tokenizer_type "$tokenizer_type" "${extra[@]}")
   "${launcher[@]}" "$PRIVASR_ROOT/$recipe/train.py" "$PRIVASR_ROOT/$recipe/$hparams" --output_folder "$out" \
     --data_folder "$data" --tokenizer_dir "$data/tokenizer" "${extra[@]}" "$@"
 }
@@ -126,10 +128,10 @@ stage_canaries() {  # stage_canaries [DIR]: canaries, holdout and the training m
   touch "$dir/.done"
 }
 
-tokenizer_from_hparams() {  # the tokenizer the recipe YAML declares (vocab_size unless --vocab_size, tokenizer_type)
+tokenizer_from_hparams() {  # the recipe YAML's tokenizer (vocab_size, tokenizer_type), unless given as options
   $python -c "import sys; from privasr.faults import yaml_defaults; h = yaml_defaults(sys.argv[1]);
-print('--vocab-size', sys.argv[2] or h['vocab_size'], '--model-type', h['tokenizer_type'])" \
-    "$PRIVASR_ROOT/$recipe/$hparams" "$vocab_size"
+print('--vocab-size', sys.argv[2] or h['vocab_size'], '--model-type', sys.argv[3] or h['tokenizer_type'])" \
+    "$PRIVASR_ROOT/$recipe/$hparams" "$vocab_size" "$tokenizer_type"
 }
 
 stage_tokenizer() {
