@@ -150,20 +150,25 @@ train_one() {  # train_one METHOD SEED
   touch "$dir/.trained"
 }
 
-stage_train() {
+method_seed_pairs() {
   local method seed
-  in_parallel train_one < <(for seed in $seeds; do for method in $methods; do echo "$method $seed"; done; done) \
-    || die "some training runs failed (see the FAILED lines)"
+  for seed in $seeds; do for method in $methods; do echo "$method $seed"; done; done
+}
+
+stage_train() {
+  in_parallel train_one < <(method_seed_pairs) || die "some training runs failed (see the FAILED lines)"
+}
+
+decode_one() {  # decode_one METHOD SEED
+  local method=$1 seed=$2 dir; dir=$(run_dir "$1" "$2")
+  if [ -f "$dir/hyps/.done" ]; then log "$method seed $seed already decoded"; return 0; fi
+  train_command "$method" "$seed" --mode decode >> "$dir/decode.log" 2>&1 \
+    || { log "FAILED: decoding $method seed $seed; see $dir/decode.log"; return 1; }
+  touch "$dir/hyps/.done"
 }
 
 stage_decode() {
-  local method seed
-  for seed in $seeds; do for method in $methods; do
-    if [ -f "$(run_dir "$method" "$seed")/hyps/.done" ]; then log "$method seed $seed already decoded"; continue; fi
-    train_command "$method" "$seed" --mode decode >> "$(run_dir "$method" "$seed")/decode.log" 2>&1 \
-      || die "decoding $method seed $seed failed; see $(run_dir "$method" "$seed")/decode.log"
-    touch "$(run_dir "$method" "$seed")/hyps/.done"
-  done; done
+  in_parallel decode_one < <(method_seed_pairs) || die "some decoding runs failed (see the FAILED lines)"
 }
 
 stage_score() {
