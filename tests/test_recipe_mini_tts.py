@@ -63,7 +63,7 @@ def test_rerun_skips_work_already_done(quick_run):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "baseline seed 1 already trained" in result.stdout
     assert "pcc seed 1 already decoded" in result.stdout
-    assert "canaries already made" in result.stdout
+    assert "canaries already made" in result.stdout, result.stdout[-2000:]
 
 
 def test_tokenizer_options_override_the_yaml(quick_run):

@@ -122,10 +122,9 @@ in_parallel() {  # in_parallel FUNCTION < LINES : FUNCTION <the words of a line>
 stage_canaries() {  # stage_canaries [DIR]: canaries, holdout and the training manifest with them
   local dir=${1:-$data/canaries} train_out=$data/train_with_canaries.csv
   [ "$dir" = "$data/canaries" ] || train_out=$dir/train_with_canaries.csv  # a variant keeps its own
-  if [ -f "$dir/.done" ]; then log "canaries already made in $dir"; return; fi
+  # privasr-canaries skips work already done, and redoes it when the corpus or the settings changed
   # shellcheck disable=SC2086
-  privasr-canaries --train-in "$data/train.csv" --train-out "$train_out" --out "$dir" --nj "$nj" $canary_args
-  touch "$dir/.done"
+  privasr-canaries --train-in "$data/train.csv" --train-out "$train_out" --out "$dir" --nj "$nj" $canary_args 2>&1
 }
 
 tokenizer_from_hparams() {  # the recipe YAML's tokenizer (vocab_size, tokenizer_type), unless given as options

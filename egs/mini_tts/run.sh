@@ -3,25 +3,29 @@
 #   egs/mini_tts/run.sh                          # all stages: baseline, PCC, APCC
 #   egs/mini_tts/run.sh --quick true             # a few minutes: tiny corpus, 1 epoch (CI)
 #   egs/mini_tts/run.sh --stage 4 --stop_stage 6 --methods "pcc" --clip_bound 0.5
+#   egs/mini_tts/run.sh --corpus_args "--num-train 3000" --canary_args "--per-count 20" --train_args "--number_of_epochs=4"
+#       # the larger job of earlier releases (about an hour)
 # Stages live in ../lib/stages.sh; only this corpus's settings are here.
 cd "$(dirname "$0")"
 recipe=recipes/mini_tts/ASR/conformer
 hparams=hparams/conformer_ctc.yaml
-quick=false
-extra_options="quick"
+extra_options="quick corpus_args canary_args"
 source ../lib/stages.sh
+quick=false
+corpus_args=""    # empty: 2,400 / 200 / 200 utterances (quick: 120 / 20 / 20)
+canary_args=""    # empty: 10 canaries per count 1/2/4/8/16, a 1,000 holdout (quick: 2 per count 1/4, holdout 20)
 parse_options "$@"
 require_bool quick
 
-corpus_args="--num-train 3000 --num-dev 200 --num-test 200"
-canary_args="--per-count 20 --holdout 1000"
 if [ "$quick" = true ]; then
   data=${data/#data/data_quick}; exp=${exp/#exp/exp_quick}
-  corpus_args="--num-train 120 --num-dev 20 --num-test 20"
-  canary_args="--per-count 2 --counts 1 4 --holdout 20"
+  : "${corpus_args:=--num-train 120 --num-dev 20 --num-test 20}" "${canary_args:=--per-count 2 --counts 1 4 --holdout 20}"
   : "${virtual_cores:=4}"
   train_args="--number_of_epochs=1 --batch_size=8 --train_eval_size=20 --model_size=tiny $train_args"
 fi
+# Sized for about 30 minutes on 2 CPU cores (3 methods x 3 epochs x 170 steps); the study
+# (run_study.sh) is where the regimes are compared at length.
+: "${corpus_args:=--num-train 2400 --num-dev 200 --num-test 200}" "${canary_args:=--per-count 10 --holdout 1000}"
 
 source corpus.sh
 run_stages
