@@ -100,6 +100,9 @@ def main(argv):
     if sb.utils.distributed.if_main_process():
         torch.save({**mine, "ranks": ranks}, os.path.join(args.out, "final.pt"))
     if distributed:
+        # every rank reaches the teardown before any closes its gloo pairs: a peer closing early can
+        # abort the other's gloo threads ("terminate called without an active exception")
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
