@@ -105,6 +105,9 @@ def test_summarize_over_seeds_is_the_spread_of_per_seed_means():
     assert summary == {1: {"mean": 3.5, "std": 1.5, "n": 2, "over": "seeds"},
                        4: {"mean": 7.0, "std": 1.0, "n": 2, "over": "seeds"}}
     # pooled over canaries x seeds the x1 std would be sqrt(((1-3.5)^2+(3-3.5)^2+(4-3.5)^2+(6-3.5)^2)/4) = 1.80
+    # a count only one seed has: the mean of what there is, n says how many seeds
+    partial = summarize_over_seeds([_report([(1, 2.0), (8, 5.0)]), _report([(1, 4.0)])])
+    assert partial[8] == {"mean": 5.0, "std": 0.0, "n": 1, "over": "seeds"} and partial[1]["mean"] == 3.0
     one = summarize_over_seeds([_report([(1, 1.0), (1, 3.0)])])
     assert one == {1: {"mean": 2.0, "std": 1.0, "n": 2, "over": "canaries"}}
     with pytest.raises(ValueError, match="no exposure reports"):

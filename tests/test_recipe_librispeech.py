@@ -104,6 +104,11 @@ def test_recipe_manifests_are_written_once(tmp_path):
     stamps = {name: path.stat().st_mtime_ns for name, path in outputs.items()}
     write_recipe_manifests(prepared, tmp_path / "data", ["train-clean-100"])
     assert {name: path.stat().st_mtime_ns for name, path in outputs.items()} == stamps
+    # a split manifest rewritten (e.g. from another corpus root) is picked up
+    rows = prepared["dev-clean"].read_text().splitlines()
+    prepared["dev-clean"].write_text("\n".join(rows[:2]) + "\n")
+    write_recipe_manifests(prepared, tmp_path / "data", ["train-clean-100"])
+    assert outputs["dev"].read_text().splitlines() == rows[:2]
     with pytest.raises(ValueError, match="train-other-500 not prepared"):
         write_recipe_manifests(prepared, tmp_path / "data", ["train-other-500"])
 
@@ -147,7 +152,9 @@ def test_librispeech_dp_recipe_one_step_end_to_end(tmp_path):
     # re-running redoes nothing: the manifests are not rewritten, every stage says it is done
     stamp = (data / "train.csv").stat().st_mtime_ns
     again = run(*args, script=RUN_DP)
-    assert again.returncode == 0 and "already done" in again.stdout
+    assert again.returncode == 0, again.stderr[-2000:]
+    for done in ("DP pre-training already done", "fine-tuning 'finetune' already done"):
+        assert done in again.stdout, again.stdout[-2000:]
     assert (data / "train.csv").stat().st_mtime_ns == stamp
 
 

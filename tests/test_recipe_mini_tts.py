@@ -68,7 +68,7 @@ def test_rerun_skips_work_already_done(quick_run):
 
 def test_tokenizer_options_override_the_yaml(quick_run):
     """--tokenizer_type / --vocab_size: sentencepiece pieces instead of the YAML's characters (the
-    paper-faithful fast canary needs them), for the tokenizer stage and the model alike."""
+    paper-faithful fast canary needs them) for the tokenizer stage (launch_train passes both to train.py too)."""
     work, data, _, _ = quick_run
     other = work / "data_unigram"
     other.mkdir()
@@ -92,6 +92,23 @@ def test_two_cpu_processes_train_under_torchrun(quick_run):
     assert os.path.exists(os.path.join(run_dir, ".trained"))
     for rank in (0, 1):
         assert os.path.getsize(os.path.join(run_dir, "core_stats", f"core_stats.rank{rank}.csv")) > 0
+
+
+def test_runs_trained_with_other_canaries_are_refused(quick_run):
+    """Changing the canaries under an existing exp/ must not score old models against new canaries."""
+    work, data, exp, _ = quick_run
+    data2, exp2 = work / "data_changed", work / "exp_changed"
+    shutil.copytree(data, data2)
+    shutil.copytree(exp, exp2)
+    result = run("--quick", "true", "--data", str(data2), "--exp", str(exp2), "--methods", "baseline",
+                 "--canary_args", "--per-count 1 --counts 1 4 --holdout 20", "--stage", "2", "--stop_stage", "5")
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert "was trained with other canaries" in result.stdout and "use another --exp" in result.stdout
+
+
+def test_jobs_must_be_a_whole_number():
+    result = run("--jobs", "0")
+    assert result.returncode == 2 and "--jobs takes a whole number >= 1, got '0'" in result.stderr
 
 
 def test_unknown_option_is_refused_with_the_known_ones():

@@ -45,6 +45,11 @@ parse_options() {
       *) die "unexpected argument '$1'; options look like --stage 3" ;;
     esac
   done
+  require_count jobs; require_count nproc; require_count nj
+}
+
+require_count() {  # require_count NAME: the option --NAME takes a whole number >= 1
+  [[ "${!1}" =~ ^[1-9][0-9]*$ ]] || die "--$1 takes a whole number >= 1, got '${!1}'"
 }
 
 require_bool() {  # require_bool NAME: the option --NAME takes true or false
@@ -107,7 +112,10 @@ train_command() {  # train_command METHOD SEED EXTRA... : one run of the method 
 }
 
 in_parallel() {  # in_parallel FUNCTION < LINES : FUNCTION <the words of a line> per line, $jobs at a time
-  local fn=$1 line running=0 failed=0 threads=$(( $(nproc) / jobs ))
+  # FUNCTION runs on the left of `||` (set -e does not apply): it must check its own commands.
+  local fn=$1 line running=0 failed=0 cpus threads
+  cpus=$(command nproc)
+  threads=$(( cpus / (jobs * nproc) ))  # each of the $jobs runs has $nproc processes
   [ "$threads" -ge 1 ] || threads=1
   while read -r line; do
     # shellcheck disable=SC2086
@@ -138,15 +146,29 @@ stage_tokenizer() {
   $python -m privasr.tokenizer --manifest "$data/train.csv" --out "$data/tokenizer" $(tokenizer_from_hparams)
 }
 
+canaries_digest() {  # canaries_digest CANARIES_CSV: what a run was trained with, kept in its .trained
+  sha256sum "$1" | cut -c 1-16
+}
+
+same_canaries() {  # same_canaries RUN_DIR CANARIES_CSV: a trained run's canaries are the current ones
+  local recorded; recorded=$(cat "$1/.trained")
+  [ -z "$recorded" ] || [ "$recorded" = "$(canaries_digest "$2")" ] && return 0
+  log "FAILED: $1 was trained with other canaries than $2 (the corpus or --canary_args changed); use another --exp"
+  return 1
+}
+
 train_one() {  # train_one METHOD SEED
   local method=$1 seed=$2 dir; dir=$(run_dir "$1" "$2")
-  if [ -f "$dir/.trained" ]; then log "$method seed $seed already trained"; return 0; fi
+  if [ -f "$dir/.trained" ]; then
+    same_canaries "$dir" "$data/canaries/canaries.csv" || return 1
+    log "$method seed $seed already trained"; return 0
+  fi
   log "training $method seed $seed (log: $dir/train.log; progress: tensorboard --logdir $dir/tensorboard)"
   mkdir -p "$dir"
   train_command "$method" "$seed" --mode train >> "$dir/train.log" 2>&1 \
     || { log "FAILED: training $method seed $seed; see $dir/train.log"; return 1; }
   log "trained $method seed $seed: $(tail -n 1 "$dir/train_log.txt")"
-  touch "$dir/.trained"
+  canaries_digest "$data/canaries/canaries.csv" > "$dir/.trained"
 }
 
 method_seed_pairs() {
@@ -161,6 +183,7 @@ stage_train() {
 decode_one() {  # decode_one METHOD SEED
   local method=$1 seed=$2 dir; dir=$(run_dir "$1" "$2")
   if [ -f "$dir/hyps/.done" ]; then log "$method seed $seed already decoded"; return 0; fi
+  [ ! -f "$dir/.trained" ] || same_canaries "$dir" "$data/canaries/canaries.csv" || return 1
   train_command "$method" "$seed" --mode decode >> "$dir/decode.log" 2>&1 \
     || { log "FAILED: decoding $method seed $seed; see $dir/decode.log"; return 1; }
   touch "$dir/hyps/.done"

@@ -63,7 +63,8 @@ stage_quantiles() {
     [ -f "$out" ] && { log "norm quantiles B=$per_core ($reduction) already measured"; continue; }
     privasr-norm-quantiles "$PRIVASR_ROOT/$recipe/$hparams" --per-core "$per_core" --batches "$batches" --json "$out" -- \
       --output_folder "$exp/pretrain" --data_folder "$data" --tokenizer_dir "$data/tokenizer" \
-      --train_csv "$data/train.csv" --loss_reduction "$reduction" $train_args < /dev/null 2>> "$exp/quantiles.log" \
+      --train_csv "$data/train.csv" --loss_reduction "$reduction" $train_args \
+      ${vocab_size:+--vocab_size "$vocab_size"} ${tokenizer_type:+--tokenizer_type "$tokenizer_type"} < /dev/null 2>> "$exp/quantiles.log" \
       | sed 's/^/    /' || die "measuring norm quantiles failed; see $exp/quantiles.log"
   done
 }
@@ -83,7 +84,9 @@ finetune_one() {  # finetune_one NAME SEED OVERRIDES...
   mkdir -p "$dir"
   # Start from the pre-trained checkpoint: the epoch counter continues from it, so
   # number_of_epochs = pretrain + finetune epochs. Copied once; later runs resume their own.
-  [ -d "$dir/save" ] || cp -r "$exp/pretrain/save" "$dir/save"
+  # (this runs under in_parallel, where set -e does not apply: every step checks itself)
+  [ -d "$dir/save" ] || cp -r "$exp/pretrain/save" "$dir/save" \
+    || { log "FAILED: $name seed $seed: cannot copy the pre-trained checkpoint $exp/pretrain/save"; return 1; }
   launch_train "$dir" --mode train --seed "$seed" "$@" "${canary_overrides[@]}" >> "$dir/train.log" 2>&1 \
     || { log "FAILED: $name seed $seed (see $dir/train.log)"; return 1; }
   touch "$dir/.trained"
@@ -91,6 +94,7 @@ finetune_one() {  # finetune_one NAME SEED OVERRIDES...
 }
 
 stage_finetune() {
+  [ -f "$exp/pretrain/.trained" ] || die "no pre-trained model in $exp/pretrain: run stage 4 first"
   # RESULTS.md lists the commands that trained its runs
   mkdir -p "$runs"
   grep -qxF -- "$invocation" "$runs/commands.txt" 2>/dev/null || echo "$invocation" >> "$runs/commands.txt"

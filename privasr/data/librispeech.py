@@ -148,8 +148,10 @@ def write_recipe_manifests(prepared: dict[str, Path], recipe_dir: str | Path, tr
     recipe_dir = Path(recipe_dir)
     outputs = {name: recipe_dir / f"{name}.csv" for name in ("train", "dev", "test")}
     marker = recipe_dir / ".librispeech_recipe.done"
+    # a source manifest rewritten (e.g. from another --root) has another size or mtime: redo
     params = {"train": list(train_splits), "dev": dev_split, "test": test_split,
-              "sources": {s: str(Path(prepared[s]).resolve()) for s in (*train_splits, dev_split, test_split)}}
+              "sources": {s: [str(Path(prepared[s]).resolve()), Path(prepared[s]).stat().st_size,
+                              Path(prepared[s]).stat().st_mtime_ns] for s in (*train_splits, dev_split, test_split)}}
     if is_done(marker, params, outputs.values()):
         log.info("%s/{train,dev,test}.csv already written (nothing to do)", recipe_dir)
         return outputs
