@@ -7,7 +7,7 @@ For each method and seed, ``<exp>/<method>/seed<s>/hyps/{test,dev,train_eval,can
 * Table 5 — the generalization gap, WER(test) − WER(train subset);
 * Table 1 — canary exposure per insertion count, ranked by CER and by the model's loss,
   mean ± std over seeds of each seed's mean over its canaries (one seed: std over canaries;
-  ``exposure.json`` per run as well).
+  ``exposure_<metric>.json`` per run as well).
 
     python -m privasr.results --exp exp --canaries data/canaries/canaries.csv \\
         --holdout data/canaries/holdout.csv --methods "baseline pcc apcc" --seeds "1 2 3"

@@ -159,37 +159,53 @@ def _extrapolated_loss_exposure(exp: Path, name: str, seeds: list[str], canaries
 
 
 def _plot_against(study, pooled, path, key, xlabel, quantiles_dir):
+    """Exposure against per-core batch or bound: one panel per clipping method (PCC, APCC), a line per
+    insertion count; the baseline is a dotted line and PEC a star (at B = 1), in the count's colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     counts = sorted({k for summary in pooled.values() for k in summary})
-    for method in ("pcc", "apcc", "pec"):
+    colour = {k: plt.cm.viridis(i / max(len(counts) - 1, 1)) for i, k in enumerate(counts)}
+    # APCC has no bound; against the bound, points of different B are not joined but labelled with their B
+    candidates = ("pcc",) if key == "bound" else ("pcc", "apcc")
+    methods = [m for m in candidates if any(study["configs"][n]["clipping"] == m for n in pooled)] or ["pcc"]
+    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), sharey=True, squeeze=False)
+    for ax, method in zip(axes[0], methods):
         for count in counts:
-            points = []
-            for name, summary in pooled.items():
-                cfg = study["configs"][name]
-                x = cfg.get("per_core") if key == "per_core" else resolve_bound(cfg, quantiles_dir)
-                if cfg["clipping"] == method and x is not None and count in summary:
-                    points.append((x, summary[count]["mean"]))
+            points = sorted(_points(study, pooled, method, count, key, quantiles_dir))
             if points:
-                points.sort()
-                ax.plot(*zip(*points), marker="o", label=f"{method} ×{count}")
-    for name, summary in pooled.items():
-        if study["configs"][name]["clipping"] == "none":
-            for count in counts:
-                if count in summary:
-                    ax.axhline(summary[count]["mean"], linestyle=":", color="gray")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("exposure (bits)")
-    ax.set_title("dotted: baseline")
-    ax.legend(fontsize=6, ncol=2)
+                ax.plot(*zip(*points), marker="o", color=colour[count], label=f"×{count}",
+                        linestyle="none" if key == "bound" else "-")
+            if key == "bound" and count == counts[-1]:
+                for name, cfg in study["configs"].items():
+                    if name in pooled and cfg["clipping"] == method and count in pooled[name]:
+                        ax.annotate(f"B={cfg['per_core']}", (resolve_bound(cfg, quantiles_dir),
+                                    pooled[name][count]["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            for x, y in _points(study, pooled, "pec", count, key, quantiles_dir):
+                ax.plot([x], [y], marker="*", markersize=11, color=colour[count], linestyle="none")
+            for _, y in _points(study, pooled, "none", count, None, quantiles_dir):
+                ax.axhline(y, linestyle=":", color=colour[count])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"{method.upper()} (★ PEC, dotted: baseline)")
+        ax.legend(title="insertions", fontsize=7)
+    axes[0][0].set_ylabel("exposure (bits)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _points(study, pooled, method, count, key, quantiles_dir):
+    """(x, mean exposure) of every configuration of ``method`` that has insertion count ``count``."""
+    for name, summary in pooled.items():
+        cfg = study["configs"][name]
+        if cfg["clipping"] != method or count not in summary:
+            continue
+        x = None if key is None else cfg.get("per_core") if key == "per_core" else resolve_bound(cfg, quantiles_dir)
+        if key is None or x is not None:
+            yield x, summary[count]["mean"]
 
 
 def main(argv=None) -> int:
