@@ -12,7 +12,7 @@ hparams=hparams/conformer_ctc.yaml
 extra_options="quick corpus_args canary_args"
 source ../lib/stages.sh
 quick=false
-corpus_args=""    # empty: 2,400 / 200 / 200 utterances (quick: 120 / 20 / 20)
+corpus_args=""    # empty: 2,000 / 200 / 200 utterances (quick: 120 / 20 / 20)
 canary_args=""    # empty: 10 canaries per count 1/2/4/8/16, a 1,000 holdout (quick: 2 per count 1/4, holdout 20)
 parse_options "$@"
 require_bool quick
@@ -23,9 +23,9 @@ if [ "$quick" = true ]; then
   : "${virtual_cores:=4}"
   train_args="--number_of_epochs=1 --batch_size=8 --train_eval_size=20 --model_size=tiny $train_args"
 fi
-# Sized for about 30 minutes on 2 CPU cores (3 methods x 3 epochs x 170 steps); the study
+# Sized for under 30 minutes on 2 CPU cores (3 methods x 3 epochs x 144 steps); the study
 # (run_study.sh) is where the regimes are compared at length.
-: "${corpus_args:=--num-train 2400 --num-dev 200 --num-test 200}" "${canary_args:=--per-count 10 --holdout 1000}"
+: "${corpus_args:=--num-train 2000 --num-dev 200 --num-test 200}" "${canary_args:=--per-count 10 --holdout 1000}"
 
 source corpus.sh
 run_stages
