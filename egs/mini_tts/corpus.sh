@@ -1,6 +1,10 @@
 # mini_tts's corpus stages (0: synthesize, 1: check manifests), shared by run.sh and run_study.sh.
 # Expects $python, $data, $nj, $corpus_args and the log/die helpers of ../lib/stages.sh.
 
+# The CI-sized corpus and canaries both drivers use with --quick true
+quick_corpus_args="--num-train 120 --num-dev 20 --num-test 20"
+quick_canary_args="--per-count 2 --counts 1 4 --holdout 20"
+
 corpus_prepare() {
   # shellcheck disable=SC2086
   $python -m privasr.data.mini_tts --out "$data" --nj "$nj" $corpus_args

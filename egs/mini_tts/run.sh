@@ -11,6 +11,7 @@ recipe=recipes/mini_tts/ASR/conformer
 hparams=hparams/conformer_ctc.yaml
 extra_options="quick corpus_args canary_args"
 source ../lib/stages.sh
+source corpus.sh
 quick=false
 corpus_args=""    # empty: 2,000 / 200 / 200 utterances (quick: 120 / 20 / 20)
 canary_args=""    # empty: 10 canaries per count 1/2/4/8/16, a 1,000 holdout (quick: 2 per count 1/4, holdout 20)
@@ -19,7 +20,7 @@ require_bool quick
 
 if [ "$quick" = true ]; then
   data=${data/#data/data_quick}; exp=${exp/#exp/exp_quick}
-  : "${corpus_args:=--num-train 120 --num-dev 20 --num-test 20}" "${canary_args:=--per-count 2 --counts 1 4 --holdout 20}"
+  : "${corpus_args:=$quick_corpus_args}" "${canary_args:=$quick_canary_args}"
   : "${virtual_cores:=4}"
   train_args="--number_of_epochs=1 --batch_size=8 --train_eval_size=20 --model_size=tiny $train_args"
 fi
@@ -27,5 +28,4 @@ fi
 # (run_study.sh) is where the regimes are compared at length.
 : "${corpus_args:=--num-train 2000 --num-dev 200 --num-test 200}" "${canary_args:=--per-count 10 --holdout 1000}"
 
-source corpus.sh
 run_stages

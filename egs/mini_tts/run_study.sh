@@ -30,7 +30,7 @@ parse_options "$@"
 require_bool quick
 if [ "$quick" = true ]; then
   study=conf/study_quick.yaml; data=${data/#data_study/data_study_quick}; exp=${exp/#exp_study/exp_study_quick}
-  : "${corpus_args:=--num-train 120 --num-dev 20 --num-test 20}" "${canary_args:=--per-count 2 --counts 1 4 --holdout 20}"
+  : "${corpus_args:=$quick_corpus_args}" "${canary_args:=$quick_canary_args}"
   train_args="--train_eval_size=20 --model_size=tiny $train_args"
 fi
 : "${corpus_args:=--num-train 3000 --num-dev 200 --num-test 200}" "${canary_args:=--per-count 10 --holdout 4000}"
@@ -101,7 +101,7 @@ stage_finetune() {
   in_parallel finetune_one < <(planned_runs) || die "some fine-tuning runs failed (see the FAILED lines)"
 }
 
-decode_one() {  # decode_one NAME SEED OVERRIDES...
+decode_config() {  # decode_config NAME SEED OVERRIDES...
   local name=$1 seed=$2; shift 2
   local dir="$runs/$name/seed$seed"
   [ -f "$dir/hyps/.done" ] && return 0
@@ -111,7 +111,7 @@ decode_one() {  # decode_one NAME SEED OVERRIDES...
 }
 
 stage_decode_grid() {
-  in_parallel decode_one < <(planned_runs) || die "some decoding runs failed (see the FAILED lines)"
+  in_parallel decode_config < <(planned_runs) || die "some decoding runs failed (see the FAILED lines)"
 }
 
 seeds_override=$seeds

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
-__all__ = ["CliParser", "run_cli", "is_done", "mark_done", "claim_dir", "USER_ERRORS"]
+__all__ = ["CliParser", "run_cli", "is_done", "mark_done", "claim_dir", "audio_durations", "USER_ERRORS"]
 
 #: Exceptions that mean "the input is wrong", reported as one line with exit status 2.
 USER_ERRORS = (ValueError, OSError, RuntimeError)
@@ -87,6 +87,21 @@ def claim_dir(directory: str | os.PathLike, key: Mapping[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     mark_done(key_file, key)
     return directory
+
+
+def audio_durations(paths: Sequence[str | os.PathLike], nj: int, desc: str) -> list[float]:
+    """Durations in seconds of the audio files ``paths`` (from their headers), ``nj`` at a time, with a progress bar."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import soundfile
+    from tqdm import tqdm
+
+    def duration(path) -> float:
+        info = soundfile.info(str(path))
+        return info.frames / info.samplerate
+
+    with ThreadPoolExecutor(max_workers=nj) as pool:
+        return list(tqdm(pool.map(duration, paths), total=len(paths), desc=desc, unit="file"))
 
 
 def _jsonable(params: Mapping[str, Any]) -> Any:

@@ -21,14 +21,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-import soundfile
-from tqdm import tqdm
-
-from privasr.data import CliParser, is_done, mark_done, run_cli
+from privasr.data import CliParser, audio_durations, is_done, mark_done, run_cli
 from privasr.data.manifest import Utterance, write_manifest
 
 __all__ = ["prepare_librilight", "find_audio"]
@@ -52,11 +48,6 @@ def find_audio(root: str | Path, subset: str) -> list[tuple[str, Path, str]]:
             for f in files]
 
 
-def _duration(path: Path) -> float:
-    info = soundfile.info(str(path))
-    return info.frames / info.samplerate
-
-
 def prepare_librilight(root: str | Path, subsets: Sequence[str], out: str | Path, nj: int = 1,
                        max_duration: float = 30.0) -> Path:
     """Write the audio-only manifest ``out`` of ``subsets``; skipped when already written from the same tree."""
@@ -73,9 +64,7 @@ def prepare_librilight(root: str | Path, subsets: Sequence[str], out: str | Path
         return out
     entries = [(f"{subset}-{uid}" if len(subsets) > 1 else uid, path, spk)
                for subset, rows in found.items() for uid, path, spk in rows]
-    with ThreadPoolExecutor(max_workers=nj) as pool:
-        durations = list(tqdm(pool.map(_duration, [e[1] for e in entries]), total=len(entries),
-                              desc="libri-light", unit="file"))
+    durations = audio_durations([e[1] for e in entries], nj, desc="libri-light")
     utterances = [Utterance(uid, d, str(path), spk, "") for (uid, path, spk), d in zip(entries, durations)]
     write_manifest(out, sorted(utterances, key=lambda u: u.id))
     mark_done(marker, params)

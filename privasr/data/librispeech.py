@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import soundfile
-from tqdm import tqdm
-
-from privasr.data import CliParser, is_done, mark_done, run_cli
+from privasr.data import CliParser, audio_durations, is_done, mark_done, run_cli
 from privasr.data.manifest import Utterance, read_manifest, write_manifest
 
 __all__ = ["prepare_librispeech", "write_recipe_manifests", "find_split", "read_transcripts", "DEFAULT_SPLITS"]
@@ -86,15 +82,8 @@ def _read_trans_file(trans: Path) -> Iterable[tuple[str, Path, str, str]]:
         yield utt_id, flac.resolve(), speaker, " ".join(text.split())
 
 
-def _duration(path: Path) -> float:
-    info = soundfile.info(str(path))
-    return info.frames / info.samplerate
-
-
 def _manifest(entries: Sequence[tuple[str, Path, str, str]], nj: int, split: str) -> list[Utterance]:
-    with ThreadPoolExecutor(max_workers=nj) as pool:
-        durations = list(tqdm(pool.map(_duration, [e[1] for e in entries]), total=len(entries),
-                              desc=f"librispeech {split}", unit="utt"))
+    durations = audio_durations([e[1] for e in entries], nj, desc=f"librispeech {split}")
     return [Utterance(i, d, str(f), spk, text) for (i, f, spk, text), d in zip(entries, durations)]
 
 
