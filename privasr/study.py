@@ -5,7 +5,8 @@
     python -m privasr.study plan conf/study.yaml --quantiles exp_study/quantiles   # one run per line
     python -m privasr.study score conf/study.yaml --exp exp_study --canaries ... --holdout ...
 
-A configuration is ``{clipping, per_core, bound?, overrides?}``; ``bound`` may be a number or
+A configuration is ``{clipping, per_core, bound?, finetune_epochs?, overrides?}`` (``finetune_epochs``
+overrides the study's, the fine-tuning length axis); ``bound`` may be a number or
 ``p10``/``p50``: that quantile of the per-core norms of the pre-trained model at the same
 per-core batch B and loss normalization (``<quantiles>/B<b>_<loss_reduction>.json``, written by
 ``privasr-norm-quantiles``).
@@ -42,6 +43,9 @@ def load_study(path: str | Path) -> dict:
             raise ValueError(f"{path}: config {name}: clipping must be none|global|pcc|apcc|pec")
         if study["total_batch"] % int(cfg.get("per_core", 1)) != 0:
             raise ValueError(f"{path}: config {name}: per_core must divide total_batch {study['total_batch']}")
+        epochs = cfg.get("finetune_epochs", study["finetune_epochs"])
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise ValueError(f"{path}: config {name}: finetune_epochs must be a positive integer, got {epochs!r}")
     return study
 
 
@@ -70,13 +74,17 @@ def resolve_bound(cfg: dict, quantiles_dir: Path) -> float | None:
     return table[str(cfg["per_core"])][bound]
 
 
+def finetune_epochs(study: dict, name: str) -> int:
+    return study["configs"][name].get("finetune_epochs", study["finetune_epochs"])
+
+
 def run_overrides(study: dict, name: str, quantiles_dir: Path) -> list[str]:
     """train.py overrides of one configuration (the fine-tuning epochs count from the pre-training)."""
     cfg = study["configs"][name]
     per_core = int(cfg.get("per_core", 1))
     args = [f"--clipping={cfg['clipping']}", f"--batch_size={study['total_batch']}",
             f"--virtual_cores={study['total_batch'] // per_core}",
-            f"--number_of_epochs={study['pretrain_epochs'] + study['finetune_epochs']}"]
+            f"--number_of_epochs={study['pretrain_epochs'] + finetune_epochs(study, name)}"]
     bound = resolve_bound(cfg, quantiles_dir)
     if bound is not None:
         args.append(f"--clip_bound={bound:.6g}")
@@ -110,11 +118,13 @@ def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: 
     lines += ["## Exposure ranked by loss, extrapolated (skew-normal fit to the holdout losses; no log2|R| ceiling)",
               "", markdown_table(extrapolated).rstrip(), ""]
     lines += ["## WER (%) and generalization gap (mean ± std over seeds)", "",
-              "| configuration | B | bound | test WER | dev WER | gap (test − train) |", "|---|---|---|---|---|---|"]
+              "| configuration | B | bound | fine-tune epochs | test WER | dev WER | gap (test − train) |",
+              "|---|---|---|---|---|---|---|"]
     for n in done:
         cfg, runs = study["configs"][n], results[n]
         bound = resolve_bound(cfg, quantiles_dir)
         lines.append(f"| {n} | {cfg.get('per_core')} | {'–' if bound is None else f'{bound:.3g}'} | "
+                     f"{finetune_epochs(study, n)} | "
                      f"{mean_std([r['wer'].get('test') for r in runs])} | {mean_std([r['wer'].get('dev') for r in runs])} | "
                      f"{mean_std([r['wer'].get('gap') for r in runs])} |")
     lines += core_diagnostics(exp, {n: decoded[n] for n in done})

@@ -16,10 +16,20 @@ def test_plan_keeps_the_total_batch_and_resolves_quantile_bounds(tmp_path):
     args = run_overrides(study, "pcc_B2_p50", tmp_path)
     assert "--virtual_cores=8" in args and "--batch_size=16" in args and "--clip_bound=1.25" in args
     assert f"--number_of_epochs={study['pretrain_epochs'] + study['finetune_epochs']}" in args
+    # a configuration's own fine-tuning length (the length axis)
+    assert f"--number_of_epochs={study['pretrain_epochs'] + 1}" in run_overrides(study, "baseline_ft1", tmp_path)
     assert "--clip_bound" not in " ".join(run_overrides(study, "apcc_B2", tmp_path))
     assert (2, "sum") in needed_quantiles(study) and (1, "mean") in needed_quantiles(study)
     with pytest.raises(FileNotFoundError, match="norm quantiles"):
         run_overrides(study, "pcc_B8_p10", tmp_path)
+
+
+def test_a_configuration_with_a_bad_fine_tuning_length_is_refused(tmp_path):
+    bad = tmp_path / "study.yaml"
+    bad.write_text("total_batch: 4\npretrain_epochs: 1\nfinetune_epochs: 1\nquantile_batches: 2\nseeds: [1]\n"
+                   "configs:\n  short: {clipping: none, per_core: 4, finetune_epochs: 0}\n")
+    with pytest.raises(ValueError, match="short: finetune_epochs must be a positive integer"):
+        load_study(bad)
 
 
 def test_quick_study_end_to_end(tmp_path):
@@ -42,9 +52,10 @@ def test_quick_study_end_to_end(tmp_path):
     # the exact driver command that trained the runs, for re-running the grid
     assert "run_study.sh --quick true --jobs 2" in report.split("## Commands that trained these runs")[1]
 
-    # a canary variant (rarity): its own canaries and results, the same corpus, pre-training and quantiles
+    # a canary variant (rarity): its own larger corpus, canaries and results; the same pre-training and quantiles
     pretrain_ckpts = sorted(os.listdir(tmp_path / "exp" / "pretrain" / "save"))
     variant = subprocess.run(cmd + ["--variant", "rare", "--canary_args", "--per-count 1 --counts 1 4 --holdout 20",
+                                    "--variant_corpus_args", "--num-train 150 --num-dev 20 --num-test 20",
                                     "--configs", "baseline pcc_B2_p10"], capture_output=True, text=True, timeout=600)
     assert variant.returncode == 0, variant.stdout[-3000:] + variant.stderr[-3000:]
     assert "pre-training already done" in variant.stdout
@@ -54,4 +65,10 @@ def test_quick_study_end_to_end(tmp_path):
     canaries = (tmp_path / "data" / "canaries_rare" / "canaries.csv").read_text().splitlines()
     assert len(canaries) == 1 + 2  # one canary per count, counts 1 and 4
     inserted = (tmp_path / "data" / "canaries_rare" / "train_with_canaries.csv").read_text()
+    # inserted into the variant's 150-utterance corpus, whose first 120 utterances are the pre-training's
+    def texts(path):  # ID, speaker and words of each utterance (the WAV paths differ)
+        return [(row[0], row[-2], row[-1]) for row in (line.split(",") for line in path.read_text().splitlines())]
+    base, larger = texts(tmp_path / "data" / "train.csv"), texts(tmp_path / "data_rare" / "train.csv")
+    assert len(larger) == 1 + 150 and larger[:len(base)] == base
+    assert len(inserted.splitlines()) == 1 + 150 + 1 * 1 + 1 * 4
     assert all(inserted.count(line.split(",")[0] + "_r") == int(line.rsplit(",", 1)[1]) for line in canaries[1:])

@@ -6,13 +6,16 @@
 #   egs/mini_tts/run_study.sh --stage 6 --configs "baseline pcc_B2_p10" --seeds "1"
 #   egs/mini_tts/run_study.sh --quick true        # minutes: tiny corpus and model, conf/study_quick.yaml
 #   egs/mini_tts/run_study.sh --variant rare --canary_args "--per-count 2 --holdout 4000" --stage 2
-#       # canary rarity: other canaries on the same corpus, the same pre-training -> exp_study/rare/RESULTS.md
+#       # other canaries on the same corpus and pre-training -> exp_study/rare/RESULTS.md
+#   egs/mini_tts/run_study.sh --variant rare10k --variant_corpus_args "--num-train 10000 --num-dev 200 --num-test 200" \
+#       --canary_args "--per-count 2 --holdout 4000" --configs "baseline_ft1 pcc_B2_p10_ft1"
+#       # canary rarity: a larger fine-tuning corpus (data_study_rare10k) and fewer canaries, same pre-training
 # Stages: 0 corpus, 1 manifests, 2 canaries (holdout 4,000), 3 tokenizer, 4 pre-train,
 #         5 norm quantiles, 6 fine-tune grid, 7 decode, 8 score.
 cd "$(dirname "$0")"
 recipe=recipes/mini_tts/ASR/conformer
 hparams=hparams/conformer_ctc.yaml
-extra_options="study configs corpus_args canary_args quick variant"
+extra_options="study configs corpus_args canary_args quick variant variant_corpus_args"
 source ../lib/stages.sh   # the library's defaults first, then this driver's
 source corpus.sh
 study=conf/study.yaml
@@ -25,6 +28,8 @@ canary_args=""    # empty: 10 canaries per count and a 4,000 holdout (quick: 2 p
 quick=false
 seeds=""          # empty: the seeds of $study
 variant=""        # a canary variant (--canary_args) of the same corpus and pre-training; results in $exp/$variant
+variant_corpus_args=""  # a variant's own fine-tuning corpus in ${data}_$variant (mini_tts options, same seed:
+                        # its first utterances and its dev/test are $data's, so the pre-training saw a subset)
 invocation="egs/mini_tts/run_study.sh$(printf ' %q' "$@")"
 parse_options "$@"
 require_bool quick
@@ -35,12 +40,14 @@ if [ "$quick" = true ]; then
 fi
 : "${corpus_args:=--num-train 3000 --num-dev 200 --num-test 200}" "${canary_args:=--per-count 10 --holdout 4000}"
 methods=baseline  # the stage library's method list is not used here
-canaries=$data/canaries; runs=$exp; canary_overrides=()
+canaries=$data/canaries; runs=$exp; canary_overrides=(); finetune_data=$data
+[ -z "$variant_corpus_args" ] || [ -n "$variant" ] || die "--variant_corpus_args needs --variant NAME"
 if [ -n "$variant" ]; then
   [[ "$variant" =~ ^[A-Za-z0-9_-]+$ ]] || die "--variant takes a name of letters, digits, - and _, got '$variant'"
   canaries=$data/canaries_$variant; runs=$exp/$variant
   canary_overrides=(--train_csv "$canaries/train_with_canaries.csv" --canaries_csv "$canaries/canaries.csv"
                     --holdout_csv "$canaries/holdout.csv")
+  [ -z "$variant_corpus_args" ] || finetune_data=${data}_$variant
 fi
 
 study_py() { $python -m privasr.study "$@"; }
@@ -115,9 +122,18 @@ stage_decode_grid() {
 }
 
 seeds_override=$seeds
-if in_stage 0 "corpus"; then corpus_prepare; fi
-if in_stage 1 "manifests"; then corpus_manifests; fi
-if in_stage 2 "canaries ($canary_args) -> $canaries"; then stage_canaries "$canaries"; fi
+if in_stage 0 "corpus"; then
+  corpus_prepare
+  # the variant's fine-tuning corpus (the stage library's functions read $data and $corpus_args)
+  [ "$finetune_data" = "$data" ] || data=$finetune_data corpus_args=$variant_corpus_args corpus_prepare
+fi
+if in_stage 1 "manifests"; then
+  corpus_manifests
+  [ "$finetune_data" = "$data" ] || data=$finetune_data corpus_manifests
+fi
+if in_stage 2 "canaries ($canary_args) in $finetune_data/train.csv -> $canaries"; then
+  data=$finetune_data stage_canaries "$canaries"
+fi
 if in_stage 3 "tokenizer"; then stage_tokenizer; fi
 if in_stage 4 "pre-train without canaries"; then stage_pretrain; fi
 if in_stage 5 "per-core norm quantiles of the pre-trained model"; then stage_quantiles; fi
