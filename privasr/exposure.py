@@ -165,6 +165,27 @@ def summarize_over_seeds(reports: Sequence[Mapping]) -> dict[int, dict]:
     return out
 
 
+def difference_over_seeds(reports: Mapping[str, Mapping], references: Mapping[str, Mapping]) -> dict[int, dict]:
+    """Exposure change from a reference run, paired by seed (both map a seed to a :func:`score_exposure` report).
+
+    Same-seed runs share their initialization and data order, so the per-seed difference
+    ``d_s = m_s - r_s`` of the mean exposures of the canaries inserted ``k`` times removes the part
+    of the run-to-run noise that both share. Entry ``k`` is ``{"mean": mean_s d_s, "std": std_s d_s
+    (ddof=0), "n": seeds both have, "lower": seeds with d_s < 0}``; only seeds both have count.
+    """
+    seeds = [s for s in reports if s in references]
+    if not seeds:
+        raise ValueError("no seed is common to the runs and their reference")
+    per_seed = {s: [summarize_by_insertions([e["insertions"] for e in r[s]["per_canary"]],
+                                            [e["exposure"] for e in r[s]["per_canary"]]) for r in (reports, references)]
+                for s in seeds}
+    out = {}
+    for k in sorted({k for run, ref in per_seed.values() for k in run if k in ref}):
+        d = np.array([run[k]["mean"] - ref[k]["mean"] for run, ref in per_seed.values() if k in run and k in ref])
+        out[k] = {"mean": float(d.mean()), "std": float(d.std()), "n": int(d.size), "lower": int((d < 0).sum())}
+    return out
+
+
 # ---------------------------------------------------------------------------- reporting
 def markdown_table(runs: Mapping[str, Mapping], digits: int = 1) -> str:
     """The paper's Table 1: one row per run, ``mean ± std`` per insertion count.

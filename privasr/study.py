@@ -5,8 +5,10 @@
     python -m privasr.study plan conf/study.yaml --quantiles exp_study/quantiles   # one run per line
     python -m privasr.study score conf/study.yaml --exp exp_study --canaries ... --holdout ...
 
-A configuration is ``{clipping, per_core, bound?, finetune_epochs?, overrides?}`` (``finetune_epochs``
-overrides the study's, the fine-tuning length axis); ``bound`` may be a number or
+A configuration is ``{clipping, per_core, bound?, finetune_epochs?, reference?, overrides?}``
+(``finetune_epochs`` overrides the study's, the fine-tuning length axis; ``reference`` names the
+unclipped configuration its exposure is compared with seed by seed, by default ``baseline``);
+``bound`` may be a number or
 ``p10``/``p50``: that quantile of the per-core norms of the pre-trained model at the same
 per-core batch B and loss normalization (``<quantiles>/B<b>_<loss_reduction>.json``, written by
 ``privasr-norm-quantiles``).
@@ -24,7 +26,8 @@ import yaml
 
 from privasr.core_log import markdown_table as core_markdown_table
 from privasr.core_log import plot_core_logs, read_core_logs, summarize
-from privasr.exposure import markdown_table, plot_exposure, score_exposure, summarize_over_seeds
+from privasr.exposure import (difference_over_seeds, markdown_table, plot_exposure, score_exposure,
+                              summarize_over_seeds)
 from privasr.results import collect, mean_std
 
 SPREAD_NOTE = ("Mean ± std over a configuration's seeds of each seed's mean exposure over its canaries; "
@@ -43,6 +46,8 @@ def load_study(path: str | Path) -> dict:
             raise ValueError(f"{path}: config {name}: clipping must be none|global|pcc|apcc|pec")
         if study["total_batch"] % int(cfg.get("per_core", 1)) != 0:
             raise ValueError(f"{path}: config {name}: per_core must divide total_batch {study['total_batch']}")
+        if reference(study, name) not in (None, *study["configs"]):
+            raise ValueError(f"{path}: config {name}: reference {reference(study, name)!r} is not a configuration")
         epochs = cfg.get("finetune_epochs", study["finetune_epochs"])
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise ValueError(f"{path}: config {name}: finetune_epochs must be a positive integer, got {epochs!r}")
@@ -72,6 +77,12 @@ def resolve_bound(cfg: dict, quantiles_dir: Path) -> float | None:
         raise FileNotFoundError(f"{path} not found: measure the norm quantiles first (study stage 5)")
     table = json.loads(path.read_text())
     return table[str(cfg["per_core"])][bound]
+
+
+def reference(study: dict, name: str) -> str | None:
+    """The configuration ``name`` is compared with: its ``reference``, else ``baseline`` if there is one."""
+    ref = study["configs"][name].get("reference", "baseline" if "baseline" in study["configs"] else None)
+    return None if ref == name else ref
 
 
 def finetune_epochs(study: dict, name: str) -> int:
@@ -111,6 +122,7 @@ def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: 
         pooled = {n: summarize_over_seeds([r["exposure"][metric] for r in results[n]]) for n in done}
         lines += [f"## Exposure ranked by {label}", "", SPREAD_NOTE, "",
                   markdown_table(pooled).rstrip(), ""]
+        lines += _paired_table(study, results, decoded, metric, label)
         _plot_against(study, pooled, exp / f"exposure_vs_B_{metric}.png", "per_core", "per-core batch B", quantiles_dir)
         _plot_against(study, pooled, exp / f"exposure_vs_bound_{metric}.png", "bound", "clip bound b", quantiles_dir)
         plot_exposure(pooled, exp / f"exposure_{metric}.png", math.log2(holdout_size), f"Exposure by {label}")
@@ -136,6 +148,27 @@ def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: 
     path = exp / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _paired_table(study: dict, results: dict, decoded: dict, metric: str, label: str) -> list[str]:
+    """Exposure change of each configuration from its reference, paired by seed."""
+    rows = {}
+    for name in results:
+        ref = reference(study, name)
+        if ref in results and set(decoded[name]) & set(decoded[ref]):
+            by_seed = {n: {r["seed"]: r["exposure"][metric] for r in results[n]} for n in (name, ref)}
+            rows[f"{name} − {ref}"] = difference_over_seeds(by_seed[name], by_seed[ref])
+    if not rows:
+        return []
+    counts = sorted({k for row in rows.values() for k in row})
+    lines = [f"### Change from the reference ({label}), paired by seed",
+             "", "Mean ± std over the seeds both have of the difference of per-seed means; (lower in m of n seeds).", "",
+             "| configuration − reference | " + " | ".join(f"×{k}" for k in counts) + " |", "|---" * (len(counts) + 1) + "|"]
+    for row_label, row in rows.items():
+        cells = [f"{row[k]['mean']:+.1f} ± {row[k]['std']:.1f} ({row[k]['lower']}/{row[k]['n']})" if k in row else "–"
+                 for k in counts]
+        lines.append(f"| {row_label} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def core_diagnostics(exp: Path, decoded: dict[str, list[str]]) -> list[str]:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy.stats import skewnorm
 
-from privasr.exposure import (EXTRAPOLATION_CAP_BITS, compare_reports, error_rates, exposure_extrapolation,
-                              exposure_interpolation, markdown_table, ranks, score_exposure, summarize_by_insertions,
-                              summarize_over_seeds)
+from privasr.exposure import (EXTRAPOLATION_CAP_BITS, compare_reports, difference_over_seeds, error_rates,
+                              exposure_extrapolation, exposure_interpolation, markdown_table, ranks, score_exposure,
+                              summarize_by_insertions, summarize_over_seeds)
 from tests.conftest import assert_one_line_error, run_privasr_cli
 
 HOLDOUT = [0.1, 0.2, 0.2, 0.5]
@@ -112,6 +112,16 @@ def test_summarize_over_seeds_is_the_spread_of_per_seed_means():
     assert one == {1: {"mean": 2.0, "std": 1.0, "n": 2, "over": "canaries"}}
     with pytest.raises(ValueError, match="no exposure reports"):
         summarize_over_seeds([])
+
+
+def test_difference_over_seeds_pairs_runs_by_seed():
+    # x1: seed 1 run mean 2 vs reference 5 (d = -3); seed 2 run 6 vs reference 5 (d = +1); seed 3 only in the run
+    runs = {"1": _report([(1, 1.0), (1, 3.0), (4, 2.0)]), "2": _report([(1, 6.0), (4, 9.0)]), "3": _report([(1, 0.0)])}
+    refs = {"1": _report([(1, 5.0), (4, 4.0)]), "2": _report([(1, 4.0), (1, 6.0), (4, 8.0)])}
+    diff = difference_over_seeds(runs, refs)
+    assert diff == {1: {"mean": -1.0, "std": 2.0, "n": 2, "lower": 1}, 4: {"mean": -0.5, "std": 1.5, "n": 2, "lower": 1}}
+    with pytest.raises(ValueError, match="no seed is common"):
+        difference_over_seeds({"3": runs["3"]}, refs)
 
 
 def test_error_rates_hand_computed():

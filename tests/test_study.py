@@ -30,6 +30,9 @@ def test_a_configuration_with_a_bad_fine_tuning_length_is_refused(tmp_path):
                    "configs:\n  short: {clipping: none, per_core: 4, finetune_epochs: 0}\n")
     with pytest.raises(ValueError, match="short: finetune_epochs must be a positive integer"):
         load_study(bad)
+    bad.write_text(bad.read_text().replace("finetune_epochs: 0", "reference: baseline"))
+    with pytest.raises(ValueError, match="short: reference 'baseline' is not a configuration"):
+        load_study(bad)
 
 
 def test_quick_study_end_to_end(tmp_path):
@@ -46,6 +49,7 @@ def test_quick_study_end_to_end(tmp_path):
     # canary-aware diagnostics: every configuration's cores, with and without canaries
     assert "## Clipping of cores with and without a canary" in report
     assert "## Exposure ranked by loss, extrapolated" in report
+    assert "| pcc_B2_p10 − baseline |" in report.split("### Change from the reference (CER), paired by seed")[1]
     assert (tmp_path / "exp" / "pcc_B2_p10" / "seed1" / "exposure_score_extrapolation.json").exists()
     assert "| pec_p50 |" in report.split("## Clipping of cores")[1]
     assert (tmp_path / "exp" / "core_stats.png").stat().st_size > 1000
