@@ -165,10 +165,14 @@ def _paired_table(study: dict, results: dict, decoded: dict, metric: str, label:
              "", "Mean ± std over the seeds both have of the difference of per-seed means; (lower in m of n seeds).", "",
              "| configuration − reference | " + " | ".join(f"×{k}" for k in counts) + " |", "|---" * (len(counts) + 1) + "|"]
     for row_label, row in rows.items():
-        cells = [f"{row[k]['mean']:+.1f} ± {row[k]['std']:.1f} ({row[k]['lower']}/{row[k]['n']})" if k in row else "–"
-                 for k in counts]
+        cells = [_difference_cell(row[k]) if k in row else "–" for k in counts]
         lines.append(f"| {row_label} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _difference_cell(entry: dict) -> str:
+    spread = f" ± {entry['std']:.1f}" if entry["n"] > 1 else ""  # one seed: no spread to show
+    return f"{entry['mean']:+.1f}{spread} ({entry['lower']}/{entry['n']})"
 
 
 def core_diagnostics(exp: Path, decoded: dict[str, list[str]]) -> list[str]:
