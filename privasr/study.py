@@ -205,50 +205,71 @@ def _extrapolated_loss_exposure(exp: Path, name: str, seeds: list[str], canaries
     return summarize_over_seeds(reports)
 
 
+BOUND_STYLES = (("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"))  # (line, marker) per bound quantile
+
+
 def _plot_against(study, pooled, path, key, xlabel, quantiles_dir):
     """Exposure against per-core batch or bound: one panel per clipping method (PCC, APCC), a line per
-    insertion count; the baseline is a dotted line and PEC a star (at B = 1), in the count's colour."""
+    insertion count (colour) and bound quantile (line and marker style: p10 solid, p50 dashed); the baseline
+    is a dotted line and PEC a star (at B = 1). Only the main grid is drawn: configurations with other
+    overrides or fine-tuning lengths (the other axes) would not be comparable along B or b."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
+    pooled = {n: summary for n, summary in pooled.items() if _in_main_grid(study, n)}
     counts = sorted({k for summary in pooled.values() for k in summary})
     colour = {k: plt.cm.viridis(i / max(len(counts) - 1, 1)) for i, k in enumerate(counts)}
     # APCC has no bound; against the bound, points of different B are not joined but labelled with their B
     candidates = ("pcc",) if key == "bound" else ("pcc", "apcc")
     methods = [m for m in candidates if any(study["configs"][n]["clipping"] == m for n in pooled)] or ["pcc"]
+    quantiles = sorted({str(study["configs"][n]["bound"]) for n in pooled if study["configs"][n].get("bound")})
+    style = {"None": BOUND_STYLES[0], **dict(zip(quantiles, BOUND_STYLES * len(quantiles)))}
     fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), sharey=True, squeeze=False)
     for ax, method in zip(axes[0], methods):
         for count in counts:
-            points = sorted(_points(study, pooled, method, count, key, quantiles_dir))
-            if points:
-                ax.plot(*zip(*points), marker="o", color=colour[count], label=f"×{count}",
-                        linestyle="none" if key == "bound" else "-")
+            for bound, (line, marker) in style.items():
+                points = sorted(_points(study, pooled, method, count, key, quantiles_dir, bound))
+                if points:
+                    ax.plot(*zip(*points), marker=marker, color=colour[count],
+                            linestyle="none" if key == "bound" else line)
+                for x, y in _points(study, pooled, "pec", count, key, quantiles_dir, bound):
+                    ax.plot([x], [y], marker="*", markersize=11, color=colour[count], linestyle="none",
+                            markerfacecolor=colour[count] if marker == "o" else "none")
             if key == "bound" and count == counts[-1]:
                 for name, cfg in study["configs"].items():
                     if name in pooled and cfg["clipping"] == method and count in pooled[name]:
                         ax.annotate(f"B={cfg['per_core']}", (resolve_bound(cfg, quantiles_dir),
                                     pooled[name][count]["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-            for x, y in _points(study, pooled, "pec", count, key, quantiles_dir):
-                ax.plot([x], [y], marker="*", markersize=11, color=colour[count], linestyle="none")
             for _, y in _points(study, pooled, "none", count, None, quantiles_dir):
                 ax.axhline(y, linestyle=":", color=colour[count])
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.set_title(f"{method.upper()} (★ PEC, dotted: baseline)")
-        ax.legend(title="insertions", fontsize=7)
+    handles = [Line2D([], [], color=colour[k], marker="o", label=f"×{k}") for k in counts]
+    if len(quantiles) > 1:  # which style is which bound quantile
+        handles += [Line2D([], [], color="grey", linestyle=style[q][0], marker=style[q][1], label=f"b = {q}")
+                    for q in quantiles]
+    axes[0][-1].legend(handles=handles, title="insertions", fontsize=7, loc="best")
     axes[0][0].set_ylabel("exposure (bits)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _points(study, pooled, method, count, key, quantiles_dir):
-    """(x, mean exposure) of every configuration of ``method`` that has insertion count ``count``."""
+def _in_main_grid(study: dict, name: str) -> bool:
+    cfg = study["configs"][name]
+    return not cfg.get("overrides") and finetune_epochs(study, name) == study["finetune_epochs"]
+
+
+def _points(study, pooled, method, count, key, quantiles_dir, bound=None):
+    """(x, mean exposure) of every configuration of ``method`` (with bound label ``bound``, if given) that has
+    insertion count ``count``."""
     for name, summary in pooled.items():
         cfg = study["configs"][name]
-        if cfg["clipping"] != method or count not in summary:
+        if cfg["clipping"] != method or count not in summary or bound not in (None, str(cfg.get("bound"))):
             continue
         x = None if key is None else cfg.get("per_core") if key == "per_core" else resolve_bound(cfg, quantiles_dir)
         if key is None or x is not None:
