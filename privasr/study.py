@@ -7,7 +7,8 @@
 
 A configuration is ``{clipping, per_core, bound?, finetune_epochs?, reference?, overrides?}``
 (``finetune_epochs`` overrides the study's, the fine-tuning length axis; ``reference`` names the
-unclipped configuration its exposure is compared with seed by seed, by default ``baseline``);
+unclipped configuration its exposure is compared with seed by seed, by default ``baseline``, ``null``
+for none);
 ``bound`` may be a number or
 ``p10``/``p50``: that quantile of the per-core norms of the pre-trained model at the same
 per-core batch B and loss normalization (``<quantiles>/B<b>_<loss_reduction>.json``, written by
@@ -46,8 +47,9 @@ def load_study(path: str | Path) -> dict:
             raise ValueError(f"{path}: config {name}: clipping must be none|global|pcc|apcc|pec")
         if study["total_batch"] % int(cfg.get("per_core", 1)) != 0:
             raise ValueError(f"{path}: config {name}: per_core must divide total_batch {study['total_batch']}")
-        if reference(study, name) not in (None, *study["configs"]):
-            raise ValueError(f"{path}: config {name}: reference {reference(study, name)!r} is not a configuration")
+        ref = reference(study, name)
+        if ref is not None and study["configs"].get(ref, {}).get("clipping") != "none":
+            raise ValueError(f"{path}: config {name}: reference {ref!r} is not an unclipped (clipping: none) configuration")
         epochs = cfg.get("finetune_epochs", study["finetune_epochs"])
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise ValueError(f"{path}: config {name}: finetune_epochs must be a positive integer, got {epochs!r}")
@@ -143,7 +145,9 @@ def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: 
     if commands is not None and commands.is_file():
         lines += ["", "## Commands that trained these runs (re-run any of them to resume or extend the grid)", "",
                   "```", *commands.read_text().splitlines(), "```"]
-    lines += ["", "Plots: exposure_vs_B_*.png (a line per insertion count), exposure_vs_bound_*.png, exposure_*.png, "
+    lines += ["", "Plots: exposure_vs_B_*.png (a line per insertion count and bound quantile; the main grid only: the "
+              "configurations of the most common fine-tuning length without other overrides), exposure_vs_bound_*.png, "
+              "exposure_*.png, "
               "core_stats.png (per-core norms and clip scales of cores with and without a canary)."]
     path = exp / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")
@@ -151,7 +155,8 @@ def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: 
 
 
 def _paired_table(study: dict, results: dict, decoded: dict, metric: str, label: str) -> list[str]:
-    """Exposure change of each configuration from its reference, paired by seed."""
+    """Exposure change of each configuration from its reference, paired by seed (same seed = the same data
+    order, the training loader being reseeded from (seed, epoch), from the same pre-trained model)."""
     rows = {}
     for name in results:
         ref = reference(study, name)
@@ -219,7 +224,7 @@ def _plot_against(study, pooled, path, key, xlabel, quantiles_dir):
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    pooled = {n: summary for n, summary in pooled.items() if _in_main_grid(study, n)}
+    pooled = {n: pooled[n] for n in _main_grid(study, pooled)}
     counts = sorted({k for summary in pooled.values() for k in summary})
     colour = {k: plt.cm.viridis(i / max(len(counts) - 1, 1)) for i, k in enumerate(counts)}
     # APCC has no bound; against the bound, points of different B are not joined but labelled with their B
@@ -259,9 +264,12 @@ def _plot_against(study, pooled, path, key, xlabel, quantiles_dir):
     plt.close(fig)
 
 
-def _in_main_grid(study: dict, name: str) -> bool:
-    cfg = study["configs"][name]
-    return not cfg.get("overrides") and finetune_epochs(study, name) == study["finetune_epochs"]
+def _main_grid(study: dict, names) -> list[str]:
+    """The configurations comparable along B and b: no other overrides, the most common fine-tuning length."""
+    plain = [n for n in names if not study["configs"][n].get("overrides")]
+    lengths = [finetune_epochs(study, n) for n in plain]
+    common = max(set(lengths), key=lengths.count, default=None)
+    return [n for n in plain if finetune_epochs(study, n) == common]
 
 
 def _points(study, pooled, method, count, key, quantiles_dir, bound=None):

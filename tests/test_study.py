@@ -31,7 +31,11 @@ def test_a_configuration_with_a_bad_fine_tuning_length_is_refused(tmp_path):
     with pytest.raises(ValueError, match="short: finetune_epochs must be a positive integer"):
         load_study(bad)
     bad.write_text(bad.read_text().replace("finetune_epochs: 0", "reference: baseline"))
-    with pytest.raises(ValueError, match="short: reference 'baseline' is not a configuration"):
+    with pytest.raises(ValueError, match="short: reference 'baseline' is not an unclipped"):
+        load_study(bad)
+    bad.write_text(bad.read_text().replace("reference: baseline}", "reference: clipped}\n"
+                                           "  clipped: {clipping: pcc, per_core: 2, bound: 1.0}"))
+    with pytest.raises(ValueError, match="short: reference 'clipped' is not an unclipped"):
         load_study(bad)
 
 
@@ -76,3 +80,8 @@ def test_quick_study_end_to_end(tmp_path):
     assert len(larger) == 1 + 150 and larger[:len(base)] == base
     assert len(inserted.splitlines()) == 1 + 150 + 1 * 1 + 1 * 4
     assert all(inserted.count(line.split(",")[0] + "_r") == int(line.rsplit(",", 1)[1]) for line in canaries[1:])
+    # the variant re-run with other canaries refuses its runs trained on the old ones, instead of reusing them
+    other = subprocess.run(cmd + ["--variant", "rare", "--canary_args", "--per-count 1 --counts 1 2 --holdout 20",
+                                  "--variant_corpus_args", "--num-train 150 --num-dev 20 --num-test 20",
+                                  "--configs", "baseline"], capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and "was trained with other canaries" in other.stdout

@@ -156,7 +156,8 @@ canaries_digest() {  # canaries_digest CANARIES_CSV: what a run was trained with
 same_canaries() {  # same_canaries RUN_DIR CANARIES_CSV: a trained run's canaries are the current ones
   local recorded; recorded=$(cat "$1/.trained")
   [ -z "$recorded" ] || [ "$recorded" = "$(canaries_digest "$2")" ] && return 0
-  log "FAILED: $1 was trained with other canaries than $2 (the corpus or --canary_args changed); use another --exp"
+  log "FAILED: $1 was trained with other canaries than $2 (the corpus or --canary_args changed):" \
+      "move it aside or use another --exp"
   return 1
 }
 

@@ -47,7 +47,7 @@ if [ -n "$variant" ]; then
   canaries=$data/canaries_$variant; runs=$exp/$variant
   canary_overrides=(--train_csv "$canaries/train_with_canaries.csv" --canaries_csv "$canaries/canaries.csv"
                     --holdout_csv "$canaries/holdout.csv")
-  [ -z "$variant_corpus_args" ] || finetune_data=${data}_$variant
+  [ -z "$variant_corpus_args" ] || finetune_data=${data%/}_$variant
 fi
 
 study_py() { $python -m privasr.study "$@"; }
@@ -87,7 +87,10 @@ planned_runs() {  # "name seed overrides..." of the selected configurations and 
 finetune_one() {  # finetune_one NAME SEED OVERRIDES...
   local name=$1 seed=$2; shift 2
   local dir="$runs/$name/seed$seed"
-  [ -f "$dir/.trained" ] && { log "$name seed $seed already fine-tuned"; return 0; }
+  if [ -f "$dir/.trained" ]; then  # (refused if trained with other canaries: a variant re-run with new options)
+    same_canaries "$dir" "$canaries/canaries.csv" || return 1
+    log "$name seed $seed already fine-tuned"; return 0
+  fi
   mkdir -p "$dir"
   # Start from the pre-trained checkpoint: the epoch counter continues from it, so
   # number_of_epochs = pretrain + finetune epochs. Copied once; later runs resume their own.
@@ -96,7 +99,7 @@ finetune_one() {  # finetune_one NAME SEED OVERRIDES...
     || { log "FAILED: $name seed $seed: cannot copy the pre-trained checkpoint $exp/pretrain/save"; return 1; }
   launch_train "$dir" --mode train --seed "$seed" "$@" "${canary_overrides[@]}" >> "$dir/train.log" 2>&1 \
     || { log "FAILED: $name seed $seed (see $dir/train.log)"; return 1; }
-  touch "$dir/.trained"
+  canaries_digest "$canaries/canaries.csv" > "$dir/.trained"
   log "fine-tuned $name seed $seed"
 }
 
@@ -111,6 +114,7 @@ stage_finetune() {
 decode_config() {  # decode_config NAME SEED OVERRIDES...
   local name=$1 seed=$2; shift 2
   local dir="$runs/$name/seed$seed"
+  [ ! -f "$dir/.trained" ] || same_canaries "$dir" "$canaries/canaries.csv" || return 1
   [ -f "$dir/hyps/.done" ] && return 0
   launch_train "$dir" --mode decode --decode_checkpoint last --seed "$seed" "$@" "${canary_overrides[@]}" \
     >> "$dir/decode.log" 2>&1 || { log "FAILED: decoding $name seed $seed (see $dir/decode.log)"; return 1; }
