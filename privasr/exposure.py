@@ -215,12 +215,15 @@ def plot_exposure(runs: Mapping[str, Mapping], path: str | os.PathLike, max_expo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, summary in runs.items():
+    many = len(runs) > 5  # a study's grid: legend beside the axes, distinct colours, error bars side by side
+    fig, ax = plt.subplots(figsize=(9, 4.5) if many else (6, 4))
+    colours = plt.cm.tab20(np.linspace(0, 1, 20)) if len(runs) > 10 else plt.cm.tab10(np.arange(10))
+    for i, (label, summary) in enumerate(runs.items()):
         counts = sorted(int(k) for k in summary)
         entries = [summary.get(str(k), summary.get(k)) for k in counts]
-        ax.errorbar(counts, [e["mean"] for e in entries], yerr=[e["std"] for e in entries],
-                    marker="o", capsize=3, label=label)
+        shift = 2 ** (0.25 * (i / max(len(runs) - 1, 1) - 0.5)) if many else 1.0
+        ax.errorbar([c * shift for c in counts], [e["mean"] for e in entries], yerr=[e["std"] for e in entries],
+                    marker="o", capsize=3, label=label, color=colours[i % len(colours)])
     if max_exposure is not None:
         ax.axhline(max_exposure, linestyle="--", color="gray", label=f"max = log2|R| = {max_exposure:.1f}")
     ax.set_xscale("log", base=2)
@@ -231,7 +234,10 @@ def plot_exposure(runs: Mapping[str, Mapping], path: str | os.PathLike, max_expo
     ax.set_ylabel("exposure (bits)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if many:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    else:
+        ax.legend()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
