@@ -143,6 +143,12 @@ def summarize_by_insertions(insertions: Sequence[int], exposures: Sequence[float
                      "n": int((insertions == k).sum())} for k in sorted(set(insertions.tolist()))}
 
 
+def _report_by_insertions(report: Mapping) -> dict[int, dict]:
+    """:func:`summarize_by_insertions` of one :func:`score_exposure` report's canaries."""
+    canaries = report["per_canary"]
+    return summarize_by_insertions([e["insertions"] for e in canaries], [e["exposure"] for e in canaries])
+
+
 def summarize_over_seeds(reports: Sequence[Mapping]) -> dict[int, dict]:
     """Exposure per insertion count over several seeds' reports (each from :func:`score_exposure`).
 
@@ -151,8 +157,7 @@ def summarize_over_seeds(reports: Sequence[Mapping]) -> dict[int, dict]:
     seed there is no run-to-run spread to report: the entry is that seed's mean and std over its
     canaries, marked ``"over": "canaries"``.
     """
-    per_seed = [summarize_by_insertions([e["insertions"] for e in r["per_canary"]],
-                                        [e["exposure"] for e in r["per_canary"]]) for r in reports]
+    per_seed = [_report_by_insertions(r) for r in reports]
     if not per_seed:
         raise ValueError("no exposure reports to summarize")
     if len(per_seed) == 1:
@@ -176,9 +181,7 @@ def difference_over_seeds(reports: Mapping[str, Mapping], references: Mapping[st
     seeds = [s for s in reports if s in references]
     if not seeds:
         raise ValueError("no seed is common to the runs and their reference")
-    per_seed = {s: [summarize_by_insertions([e["insertions"] for e in r[s]["per_canary"]],
-                                            [e["exposure"] for e in r[s]["per_canary"]]) for r in (reports, references)]
-                for s in seeds}
+    per_seed = {s: [_report_by_insertions(r[s]) for r in (reports, references)] for s in seeds}
     out = {}
     for k in sorted({k for run, ref in per_seed.values() for k in run if k in ref}):
         d = np.array([run[k]["mean"] - ref[k]["mean"] for run, ref in per_seed.values() if k in run and k in ref])

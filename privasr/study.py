@@ -8,10 +8,8 @@
 A configuration is ``{clipping, per_core, bound?, finetune_epochs?, reference?, overrides?}``
 (``finetune_epochs`` overrides the study's, the fine-tuning length axis; ``reference`` names the
 unclipped configuration its exposure is compared with seed by seed, by default ``baseline``, ``null``
-for none);
-``bound`` may be a number or
-``p10``/``p50``: that quantile of the per-core norms of the pre-trained model at the same
-per-core batch B and loss normalization (``<quantiles>/B<b>_<loss_reduction>.json``, written by
+for none); ``bound`` may be a number or ``p10``/``p50``: that quantile of the per-core norms of the
+pre-trained model at the same per-core batch B and loss normalization (``<quantiles>/B<b>_<loss_reduction>.json``, written by
 ``privasr-norm-quantiles``).
 """
 from __future__ import annotations
@@ -50,7 +48,7 @@ def load_study(path: str | Path) -> dict:
         ref = reference(study, name)
         if ref is not None and study["configs"].get(ref, {}).get("clipping") != "none":
             raise ValueError(f"{path}: config {name}: reference {ref!r} is not an unclipped (clipping: none) configuration")
-        epochs = cfg.get("finetune_epochs", study["finetune_epochs"])
+        epochs = finetune_epochs(study, name)
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise ValueError(f"{path}: config {name}: finetune_epochs must be a positive integer, got {epochs!r}")
     return study
