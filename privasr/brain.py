@@ -29,6 +29,15 @@ Hyper-parameters read from ``hparams`` (all declared in the recipe YAML):
 ``core_log_dir`` (optional: each core's norm, clip scale and :meth:`shard_labels` label
 per step, see :mod:`privasr.core_log`), and SpeechBrain's ``nonfinite_patience``, ``ckpt_interval_minutes`` / ``ckpt_interval_steps``.
 
+SpeechBrain's run options (``--max_grad_norm`` etc.): the step bypasses
+``sb.Brain.optimizers_step``, so the options that act there are re-implemented on the
+*aggregated* update in :meth:`PrivateBrain._final_update` (``skip_nonfinite_grads``, then
+``max_grad_norm``), and the options that cannot be composed with per-core clipping are
+refused by :func:`check_run_options` before anything is built (``--precision fp16``,
+``--data_parallel_backend``, ``--compile``, ``--jit``, ...). ``max_grad_norm`` applies only
+when given (command line or YAML key): SpeechBrain's implicit default of 5.0 would silently
+add global clipping to every ``clipping`` method, ``none`` included.
+
 Faults (see :mod:`privasr.resume` and :mod:`privasr.faults`):
 
 * resuming is exact: the checkpointer is made atomic, and the RNG states of every process
@@ -46,16 +55,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Optional
 
 import speechbrain as sb
 import torch
 
-from privasr.clipping import AggregationStats, check_method, clipped_fraction, shrunk_cores
+from privasr.clipping import (AggregationStats, check_method, clipped_fraction, core_norm, global_clip_factor,
+                              shrunk_cores)
 from privasr.core_log import CoreLog
 from privasr.distributed import CoreAccumulator, broadcast_parameters, gather_norms, world_info
-from privasr.faults import NonFiniteGradientsError
+from privasr.faults import NonFiniteGradientsError, UserError
 from privasr.per_sample import shard_grads_loop, shard_grads_vmap, trainable_parameters
 from privasr.resume import PerRankState, RandomState, make_atomic, register_per_rank, seed_for_epoch
 
@@ -149,6 +160,115 @@ class ClippingMonitor:
         return sum(clipped), norms
 
 
+# -- SpeechBrain's run options ------------------------------------------------------------
+class UnsupportedRunOption(UserError, ValueError):
+    """A SpeechBrain run option privasr cannot honour; one line saying why and what to use instead.
+
+    A :class:`~privasr.faults.UserError` (``train.py: error: ...``, exit status 2 through
+    :func:`privasr.faults.run_cli`) and a ``ValueError`` (what ``sb.Brain`` raises on bad options).
+    """
+
+
+def run_option(name: str, run_opts=None, hparams=None):
+    """``(value, explicit)`` of a SpeechBrain run option, resolved as ``sb.Brain.__init__`` does.
+
+    Priority: the command line (``RunOptions.overridden_args``; every key of a ``dict``
+    run_opts) > a key of ``hparams`` > ``RunOptions``' default. ``explicit`` is False only
+    for the default.
+    """
+    from speechbrain.utils.run_opts import RunOptions
+
+    if run_opts is not None:
+        given = run_opts.keys() if isinstance(run_opts, dict) else getattr(run_opts, "overridden_args", ())
+        if name in given:
+            return run_opts[name], True
+    if hparams is not None:
+        source = hparams if isinstance(hparams, dict) else vars(hparams)
+        if name in source:
+            return source[name], True
+    return getattr(RunOptions(), name), False
+
+
+_FP16_WHY = ("per-core clipping computes each core's gradient outside SpeechBrain's GradScaler, so fp16 gradients "
+             "would underflow unscaled; use --precision bf16 (fp32's exponent range, no loss scaling) or fp32")
+_NOT_WITH_CORES = {  # a flag privasr refuses -> why, and what to use instead
+    "data_parallel_backend": "privasr clips each virtual core's gradient itself and torch.nn.DataParallel would "
+                             "sum unclipped replicas (privasr does not wrap modules in it); use torchrun "
+                             "--nproc_per_node N, or --virtual_cores K in one process",
+    "compile": "per-core gradients are taken with torch.func (vmap) and per-shard autograd, which privasr has not "
+               "verified on torch.compile'd modules; run without it",
+    "jit": "per-core gradients are taken with torch.func (vmap) and per-shard autograd, which privasr has not "
+           "verified on TorchScript modules; run without it",
+    "log_config": "privasr's recipes log with SpeechBrain's default configuration (to <output_folder>/log.txt) "
+                  "and would ignore this file; drop the option",
+}
+_ALIASES = {"compile_module_keys": "compile", "jit_module_keys": "jit"}
+
+
+def check_run_options(run_opts=None, hparams=None) -> None:
+    """Refuse the SpeechBrain run options a :class:`PrivateBrain` cannot honour, before anything is built.
+
+    Raises :class:`UnsupportedRunOption` (one line) for: ``precision: fp16`` and
+    ``auto_mix_prec`` (see ``_FP16_WHY``), ``eval_precision: fp16`` without CUDA (SpeechBrain
+    has no fp16 autocast on CPU), ``data_parallel_backend``, ``compile``/``compile_module_keys``,
+    ``jit``/``jit_module_keys``, ``log_config``; a non-finite ``max_grad_norm``;
+    ``grad_accumulation_factor < 1``, ``nonfinite_patience < 0``, ``optimizer_step_limit < 1``;
+    and, under torchrun, a ``distributed_backend`` that ``ddp_init_group`` would reject.
+    Everything else is honoured (see the README's table of run options).
+    """
+    def get(name):
+        return run_option(name, run_opts, hparams)[0]
+
+    if get("precision") == "fp16":
+        raise UnsupportedRunOption(f"--precision fp16 is not supported: {_FP16_WHY}")
+    if get("auto_mix_prec"):
+        raise UnsupportedRunOption(f"--auto_mix_prec (= --precision fp16) is not supported: {_FP16_WHY}")
+    for flag in ("data_parallel_backend", "compile", "jit", "compile_module_keys", "jit_module_keys", "log_config"):
+        if get(flag) not in (None, False):
+            raise UnsupportedRunOption(f"--{flag} is not supported: {_NOT_WITH_CORES[_ALIASES.get(flag, flag)]}")
+    device = get("device") or sb.utils.distributed.infer_device()
+    if get("eval_precision") == "fp16" and not str(device).startswith("cuda"):
+        raise UnsupportedRunOption(f"--eval_precision fp16 needs a CUDA device (SpeechBrain has no fp16 autocast on "
+                                   f"{device}); use --eval_precision bf16")
+    _check_numbers(get)
+    _check_distributed_backend(get("distributed_backend"))
+
+
+def _check_numbers(get) -> None:
+    max_grad_norm = get("max_grad_norm")
+    if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)):
+        raise UnsupportedRunOption(f"--max_grad_norm must be a finite number (> 0 clips the aggregated update to "
+                                   f"that norm, <= 0 disables it), got {max_grad_norm!r}")
+    if get("grad_accumulation_factor") < 1:
+        raise UnsupportedRunOption(f"--grad_accumulation_factor must be >= 1, got {get('grad_accumulation_factor')}")
+    if get("nonfinite_patience") < 0:
+        raise UnsupportedRunOption(f"--nonfinite_patience must be >= 0, got {get('nonfinite_patience')}")
+    limit = get("optimizer_step_limit")
+    if limit is not None and _step_limit(limit) is None:
+        raise UnsupportedRunOption(f"--optimizer_step_limit must be an integer >= 1 (omit it to train every epoch), "
+                                   f"got {limit!r}")
+
+
+def _step_limit(value) -> Optional[int]:
+    """``optimizer_step_limit`` as an integer >= 1, else None; SpeechBrain's parser leaves it a string."""
+    try:
+        limit = int(str(value))
+    except ValueError:
+        return None
+    return limit if limit >= 1 else None
+
+
+def _check_distributed_backend(backend) -> None:
+    """Under torchrun, what ``sb.utils.distributed.ddp_init_group`` would reject with a traceback."""
+    if os.environ.get("RANK") is None or os.environ.get("LOCAL_RANK") is None:
+        return
+    if backend not in ("nccl", "gloo", "mpi"):
+        raise UnsupportedRunOption(f"unknown --distributed_backend {backend!r}; accepted: nccl, gloo, mpi")
+    if backend != "gloo" and int(os.environ["LOCAL_RANK"]) + 1 > torch.cuda.device_count():
+        raise UnsupportedRunOption(f"--distributed_backend {backend} needs a CUDA device per process "
+                                   f"({torch.cuda.device_count()} found); use --distributed_backend gloo on CPU")
+
+
 def _one_checkpoint_interval(hparams, run_opts):
     """``ckpt_interval_steps > 0`` replaces ``ckpt_interval_minutes`` (SpeechBrain refuses both)."""
     def get(source, name):
@@ -171,8 +291,16 @@ class PrivateBrain(sb.Brain):
     """``sb.Brain`` with per-core (or per-example) clipping in ``fit_batch``."""
 
     def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
+        check_run_options(run_opts, hparams)  # before sb.Brain acts on any of them
         hparams, run_opts = _one_checkpoint_interval(hparams, run_opts)
         super().__init__(modules, opt_class, hparams, run_opts, make_atomic(checkpointer))
+        # SpeechBrain's max_grad_norm only when asked for (its default 5.0 would clip every run globally)
+        explicit = run_option("max_grad_norm", run_opts, hparams)[1]
+        self.update_max_norm: Optional[float] = (
+            float(self.max_grad_norm) if explicit and self.max_grad_norm > 0 else None)
+        self.last_update_factor = 1.0
+        if self.optimizer_step_limit is not None:  # "3" from the command line: sb.Brain would compare int >= str
+            self.optimizer_step_limit = _step_limit(self.optimizer_step_limit)
         self.clip_config = ClippingConfig.from_hparams(self.hparams)
         self._accumulator: Optional[CoreAccumulator] = None
         self._tb_writer = None
@@ -345,12 +473,47 @@ class PrivateBrain(sb.Brain):
             float(norms.median()), self.clip_config.clipping, float(norms.median()))
 
     def _step_optimizers(self, grads) -> None:
+        grads = self._final_update(grads)
         for (_, param), g in zip(trainable_parameters(self.modules), grads):
             param.grad = g
         for opt in self._valid_optimizers().values():
             opt.step()
             opt.zero_grad(set_to_none=True)
         self.optimizer_step += 1
+
+    def _final_update(self, grads) -> list:
+        r"""SpeechBrain's ``optimizers_step`` options, applied to the aggregated update :math:`g`.
+
+        Per-core clipping has already dropped every non-finite core, so these act on the
+        update the optimizer is about to take (identical on every process), in this order:
+
+        1. ``skip_nonfinite_grads``: a parameter whose aggregated gradient holds a NaN/Inf
+           gets ``None`` (not updated this step), as ``sb.Brain.check_gradients`` does; done
+           first so that one such parameter cannot make the norm of step 2 NaN.
+        2. ``max_grad_norm`` :math:`m > 0` (when given): :math:`g \leftarrow g \cdot
+           \min(1, m / \lVert g \rVert)` with the norm over *all* trainable parameters
+           (SpeechBrain clips ``param_groups[0]`` only); the maths of ``global`` clipping
+           (:func:`privasr.clipping.core_norm`, :func:`privasr.clipping.global_clip_factor`).
+
+        Returns a new list; ``grads`` is not modified. Sets :attr:`last_update_factor`.
+        """
+        if self.skip_nonfinite_grads:
+            grads = self._drop_nonfinite_parameters(grads)
+        self.last_update_factor = 1.0
+        if self.update_max_norm is not None:
+            self.last_update_factor = global_clip_factor(float(core_norm(grads)), self.update_max_norm)
+            grads = [None if g is None else g * self.last_update_factor for g in grads]
+        return list(grads)
+
+    def _drop_nonfinite_parameters(self, grads) -> list:
+        kept = []
+        for (name, _), g in zip(trainable_parameters(self.modules), grads):
+            if g is not None and not torch.isfinite(g).all():
+                logger.warning("step %d: the aggregated gradient of %s holds NaN/Inf: not updated "
+                               "(skip_nonfinite_grads)", self.optimizer_step + 1, name)
+                g = None
+            kept.append(g)
+        return kept
 
     def _valid_optimizers(self) -> dict:
         if self.optimizers_dict is not None:
@@ -382,6 +545,8 @@ class PrivateBrain(sb.Brain):
             writer.add_scalar("clipping/global_factor", stats.global_factor, step)
         if stats.bound is not None:
             writer.add_scalar("clipping/bound", stats.bound, step)
+        if self.update_max_norm is not None:
+            writer.add_scalar("clipping/max_grad_norm_factor", self.last_update_factor, step)
         writer.add_scalar("clipping/dropped_cores_total", dropped_total, step)
         writer.add_scalar("clipping/skipped_steps_total", self.counters.skipped_steps, step)
 
