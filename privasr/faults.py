@@ -41,18 +41,82 @@ class NonFiniteGradientsError(RuntimeError):
 
 # -- command line ---------------------------------------------------------------------------
 def parse_arguments(argv: Sequence[str]):
-    """``speechbrain.parse_arguments``, with argparse's usage + error turned into a :class:`UserError`."""
+    """``speechbrain.parse_arguments``, with argparse's usage + error turned into a :class:`UserError`.
+
+    ``--help`` prints SpeechBrain's options, then the recipe's own keys with their YAML
+    defaults and meanings (:func:`recipe_help`): those of the YAML given before ``--help``,
+    else of the first YAML in the calling recipe's ``hparams/`` folder.
+    """
     import speechbrain as sb
 
-    captured = io.StringIO()
+    captured, shown = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stderr(captured):
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(shown):
             return sb.parse_arguments(list(argv))
     except SystemExit as stop:
         if stop.code in (0, None):
+            print(shown.getvalue(), end="")
+            if {"-h", "--help"} & set(argv):
+                print(recipe_help(_help_hparams(argv, sys._getframe(1).f_code.co_filename)))
             raise
         lines = [line for line in captured.getvalue().splitlines() if ": error: " in line]
         raise UserError(lines[-1].split(": error: ", 1)[1] if lines else captured.getvalue().strip()) from None
+
+
+def _help_hparams(argv: Sequence[str], caller: str) -> Optional[str]:
+    """The YAML ``--help`` documents: the first argument if it is a file, else the caller's ``hparams/*.yaml``."""
+    if argv and not str(argv[0]).startswith("-") and os.path.isfile(argv[0]):
+        return str(argv[0])
+    folder = os.path.join(os.path.dirname(os.path.abspath(caller)), "hparams")
+    found = sorted(f for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
+    return os.path.join(folder, found[0]) if found else None
+
+
+_KEY_LINE = re.compile(r"^([A-Za-z]\w*):(.*)$")
+_OBJECT_TAGS = ("!new:", "!apply:", "!name:", "!module:", "!include:")
+
+
+def _split_comment(text: str) -> tuple[str, str]:
+    """``value  # comment`` -> ``(value, comment)``; a ``#`` inside quotes or glued to text is not a comment."""
+    quote = None
+    for i, char in enumerate(text):
+        if char in "'\"" and quote in (None, char):
+            quote = None if quote else char
+        elif char == "#" and quote is None and (i == 0 or text[i - 1].isspace()):
+            return text[:i].strip(), text[i + 1:].strip()
+    return text.strip(), ""
+
+
+def recipe_help(hparams_file: Optional[str]) -> str:
+    """The recipe's own options: every top-level YAML key but built objects, default and trailing comment.
+
+    Read from the YAML's text (one line per key; a mapping is shown as ``{key: value, ...}``),
+    under the YAML's one-line section comments.
+    """
+    if not hparams_file:
+        return "recipe options: give the hyper-parameter file first (train.py HPARAMS.yaml --help)"
+    with open(hparams_file, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    out = [f"recipe options (the keys of {hparams_file}; each is --key VALUE, default shown):"]
+    for number, line in enumerate(lines):
+        match = _KEY_LINE.match(line)
+        if line.startswith("# ") and number + 1 < len(lines) and _KEY_LINE.match(lines[number + 1]):
+            out.append(f"\n {line[2:].strip()}:")
+        if not match or match.group(1).startswith("_"):
+            continue
+        value, comment = _split_comment(match.group(2))
+        if value.startswith(_OBJECT_TAGS) or match.group(1) == "modules":  # objects, not options
+            continue
+        if not value:  # a mapping: its indented ``key: value`` lines
+            items = []
+            for inner in lines[number + 1:]:
+                if not inner.startswith((" ", "\t")):
+                    break
+                items.append(_split_comment(inner.strip())[0])
+            value = "{" + ", ".join(items) + "}"
+        value = value.replace("!ref ", "")  # a default computed from other keys: <key> stands for their value
+        out.append(f"  --{match.group(1)} {value}" + (f"\n        {comment}" if comment else ""))
+    return "\n".join(out)
 
 
 # -- hyper-parameters -----------------------------------------------------------------------
@@ -135,11 +199,34 @@ def check_overrides(hparams_file: str, overrides: Optional[str]) -> dict:
     return values
 
 
+def resolved_values(hparams_file: str, overrides: Optional[str]) -> dict:
+    """The top-level values with ``!ref`` resolved and overrides applied, no object built (tagged: :class:`_Tagged`)."""
+    from hyperpyyaml import resolve_references
+
+    try:
+        with open(hparams_file, encoding="utf-8") as handle:
+            return _plain_yaml(resolve_references(handle, overrides).getvalue()) or {}
+    except Exception as err:  # a broken reference: a configuration problem
+        if os.environ.get("PRIVASR_DEBUG"):
+            raise
+        raise UserError(f"{hparams_file}: {one_line(err)}") from None
+
+
 def load_hparams(hparams_file: str, overrides: Optional[str]) -> dict:
-    """Check the overrides (:func:`check_overrides`), then build the HyperPyYAML file's objects."""
+    """Check the overrides (:func:`check_overrides`) and the settings every recipe shares, then build the objects.
+
+    The shared settings are checked on the resolved values before anything is built (a
+    YAML object may create folders): output folders a file or not writable, batch sizes
+    below 1 (:mod:`privasr.asr.checks`).
+    """
     from hyperpyyaml import load_hyperpyyaml
 
+    from privasr.asr.checks import check_batch_sizes, check_output_paths
+
     check_overrides(hparams_file, overrides)
+    values = resolved_values(hparams_file, overrides)
+    check_output_paths(values)
+    check_batch_sizes(values)
     try:
         with open(hparams_file, encoding="utf-8") as handle:
             return load_hyperpyyaml(handle, overrides)

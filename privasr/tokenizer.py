@@ -26,7 +26,7 @@ from typing import Iterable, List, Sequence, Union
 import sentencepiece as spm
 import torch
 
-__all__ = ["Tokenizer", "BLANK_ID", "MODEL_TYPES", "read_transcripts"]
+__all__ = ["Tokenizer", "BLANK_ID", "MODEL_TYPES", "read_transcripts", "model_output_size"]
 
 BLANK_ID = 0
 MODEL_TYPES = ("unigram", "bpe", "char")
@@ -57,9 +57,13 @@ class Tokenizer:
     :meth:`decode`.
     """
 
-    def __init__(self, processor: spm.SentencePieceProcessor, model_type: str):
+    def __init__(self, processor: spm.SentencePieceProcessor, model_type: str, config: dict | None = None,
+                 model_dir: PathLike | None = None):
         self.processor = processor
         self.model_type = model_type
+        self.config = config  # the settings it was trained with (tokenizer.json), None if unknown
+        self.model_dir = model_dir
+        self._unknown: dict[str, bool] = {}  # character -> encodes to <unk>
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -103,9 +107,9 @@ class Tokenizer:
             raise ValueError(f"no tokenizer at {model_file}; train one with Tokenizer.train")
         processor = spm.SentencePieceProcessor(model_file=str(model_file))
         config_file = Path(model_dir) / _CONFIG_FILE
-        model_type = (json.loads(config_file.read_text())["model_type"]
-                      if config_file.exists() else "unknown")
-        return cls(processor, model_type)
+        config = json.loads(config_file.read_text()) if config_file.exists() else None
+        model_type = config["model_type"] if config else "unknown"
+        return cls(processor, model_type, config, model_dir)
 
     @classmethod
     def _load_checked(cls, out_dir: Path, config: dict) -> "Tokenizer":
@@ -139,6 +143,18 @@ class Tokenizer:
         """Text -> ids in ``1 .. vocab_size - 1``."""
         return [piece + 1 for piece in self.processor.encode(text, out_type=int)]
 
+    def unknown_characters(self, text: str) -> List[str]:
+        """The distinct characters of ``text`` (whitespace aside) that encode to ``<unk>``, sorted.
+
+        A character is unknown when encoding it alone yields the ``<unk>`` id: SentencePiece
+        then maps it (and any unknown neighbours) to one ``<unk>``, which the model can
+        neither learn to spell nor ever output.
+        """
+        for char in set(text) - set(self._unknown):
+            if not char.isspace():
+                self._unknown[char] = self.unk_id in self.encode(char)
+        return sorted(c for c in set(text) if self._unknown.get(c))
+
     def encode_as_tensor(self, text: str) -> torch.Tensor:
         """Text -> ``LongTensor [S]`` (for a SpeechBrain data pipeline)."""
         return torch.tensor(self.encode(text), dtype=torch.long)
@@ -162,6 +178,18 @@ class Tokenizer:
         if token_id == BLANK_ID:
             return "<blank>"
         return self.processor.id_to_piece(token_id - 1)
+
+
+def model_output_size(tokenizer: "Tokenizer | None", vocab_size: int) -> int:
+    """The output classes a model needs: the tokenizer's (blank included).
+
+    A recipe YAML builds its model with this (``!apply:privasr.tokenizer.model_output_size``),
+    so the output layer always matches the tokenizer it trains with: the YAML's
+    ``vocab_size`` is the size the tokenizer is *trained* with (an upper bound for
+    ``char``), not the model's. Only without a tokenizer (building a model's shape, e.g.
+    on the meta device) is ``vocab_size`` used.
+    """
+    return vocab_size if tokenizer is None else tokenizer.vocab_size
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,7 @@ import csv
 import pytest
 import torch
 
-from privasr.tokenizer import BLANK_ID, Tokenizer, read_transcripts
+from privasr.tokenizer import BLANK_ID, Tokenizer, model_output_size, read_transcripts
 
 TEXTS = [
     "THE CAT SAT ON THE MAT",
@@ -80,3 +80,20 @@ def test_clear_errors(manifest, tmp_path):
         Tokenizer.load(tmp_path / "missing")
     with pytest.raises(ValueError, match="outside"):
         Tokenizer.load(tmp_path / "tok").decode([10_000])
+
+
+@pytest.mark.parametrize("model_type, vocab_size", [("char", 100), ("unigram", 40)])
+def test_unknown_characters_are_the_ones_that_encode_to_unk(manifest, tmp_path, model_type, vocab_size):
+    tok = Tokenizer.train(manifest, tmp_path / "tok", vocab_size, model_type=model_type)
+    assert tok.unknown_characters("THE CAT") == []
+    assert tok.unknown_characters("O'NEILL SAT, É") == ["'", ",", "É"]
+    assert tok.unknown_characters("the cat") == ["a", "c", "e", "h", "t"]  # the training text is upper case
+    assert tok.unk_id in tok.encode("CAT'S") and tok.unk_id not in tok.encode("CATS")
+
+
+def test_model_output_size_is_the_tokenizers_and_its_training_settings_are_kept(manifest, tmp_path):
+    tok = Tokenizer.train(manifest, tmp_path / "char", 100, model_type="char")
+    assert model_output_size(tok, 100) == tok.vocab_size == len(set("".join(TEXTS)) - {" "}) + 3
+    assert model_output_size(None, 100) == 100  # no tokenizer: a model's shape only (e.g. on the meta device)
+    loaded = Tokenizer.load(tmp_path / "char")
+    assert loaded.config["vocab_size"] == 100 and loaded.config["model_type"] == "char"

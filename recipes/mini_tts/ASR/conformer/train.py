@@ -83,7 +83,10 @@ def main(argv):
 
 
 def check_settings(hparams: dict) -> None:
-    """Refuse an unknown mode or decode checkpoint and an invalid clipping configuration."""
+    """Refuse an unknown mode or decode checkpoint, an invalid clipping configuration, fewer examples per
+    batch than cores, no epoch to train, and a model whose output size is not the tokenizer's."""
+    from privasr.asr.checks import check_cores, check_epochs, check_vocabulary
+
     if hparams["mode"] not in MODES:
         raise UserError(f"unknown mode {hparams['mode']!r}; accepted: {', '.join(MODES)}")
     if hparams["decode_checkpoint"] not in DECODE_CHECKPOINTS:
@@ -94,10 +97,16 @@ def check_settings(hparams: dict) -> None:
         ClippingConfig.from_hparams(SimpleNamespace(**hparams))
     except ValueError as err:
         raise UserError(str(err)) from None
+    check_cores(hparams)
+    check_epochs(hparams)
+    check_vocabulary(hparams)
 
 
 def load_datasets(hparams: dict) -> dict:
-    """The datasets this mode needs, each manifest validated (see :func:`privasr.asr.make_dataset`)."""
+    """The datasets this mode needs, each manifest validated (see :func:`privasr.asr.make_dataset`); the
+    training set must fill one batch per process."""
+    from privasr.asr.checks import check_enough_for_a_batch
+
     def dataset(csv, sort="ascending", select_n=None):
         return make_dataset(csv, hparams["tokenizer"], hparams["sample_rate"], sort, hparams["max_duration"],
                             select_n, resample=hparams.get("resample_audio", False),
@@ -106,6 +115,8 @@ def load_datasets(hparams: dict) -> dict:
     data = {}
     if hparams["mode"] != "decode":
         data["train"] = dataset(hparams["train_csv"], hparams["sorting"])
+        loader = hparams["train_dataloader_opts"]
+        check_enough_for_a_batch(data["train"], hparams["train_csv"], loader["batch_size"], loader.get("drop_last"))
         data["dev"] = dataset(hparams["dev_csv"])
     if hparams["mode"] != "train":
         data.update({name: dataset(hparams[f"{name}_csv"]) for name in DECODE_SETS})
