@@ -1,7 +1,10 @@
 r"""Exposure of Secret Sharer canaries (Carlini et al. 2019; paper section 2.3, Definition 1).
 
-Every canary :math:`c` and holdout utterance :math:`r \in R` gets a score :math:`s` where
-*lower means the model fits it better* (CER, WER, or a loss). The exposure of a canary is
+Every canary :math:`c` and holdout utterance :math:`r \in R` gets a score :math:`s`. The
+*direction* says which scores mean the model finds an utterance likelier: ``"lower"`` (the
+default, and the only one for CER and WER: an error rate or a loss is lower when the model
+fits better) or ``"higher"`` (e.g. a log-likelihood, ``metric="score"`` only). Below, scores
+are in the lower-is-likelier frame (``"higher"`` scores are negated first). The exposure is
 
 .. math::  \mathrm{exposure}(c) = \log_2 |R| - \log_2 \mathrm{rank}(c),
 
@@ -9,27 +12,44 @@ with the rank of :math:`s_c` among the holdout scores (ranking against the holdo
 
 * ``ties="mean"`` (default): :math:`\mathrm{rank} = 1 + \#\{r: s_r < s_c\} + \tfrac12 \#\{r: s_r = s_c\}`.
   A model that outputs nothing scores CER 1 everywhere, so every canary ties with every
-  holdout utterance and gets :math:`\log_2 |R| - \log_2(1 + |R|/2) \approx 1` bit;
-  a canary strictly better than all holdout gets the maximum, :math:`\log_2 |R|`.
+  holdout utterance and gets :math:`\log_2 |R| - \log_2(1 + |R|/2) \approx 1` bit.
 * ``ties="reference"``: :math:`\mathrm{rank} = 1 + \#\{r: s_r \le s_c\}` -- holdout
-  utterances win ties, as in TensorFlow Privacy's ``compute_exposure_interpolation``.
+  utterances win ties, as in TensorFlow Privacy's ``compute_exposure_interpolation``;
+  the all-tied model scores the minimum.
+
+Range of the interpolation, for either tie rule: rank :math:`\in [1, |R| + 1]`, so exposure
+:math:`\in [\log_2 \frac{|R|}{|R|+1}, \log_2 |R|]` (the minimum, slightly below 0, for a canary
+scored worse than every holdout utterance -- or, with ``reference``, tied with all of them; the
+maximum for one scored strictly better than all). A canary the model treats like a holdout
+utterance (its rank uniform on :math:`1 \ldots |R|+1`) scores :math:`\approx \log_2 e = 1.44`
+bits on average.
 
 Extrapolation (TensorFlow Privacy's ``compute_exposure_extrapolation``) fits a skew-normal
 distribution :math:`F` to the holdout scores (``scipy.stats.skewnorm.fit``) and reports
-:math:`-\log_2 F(s_c)`, computed as ``-skewnorm.logcdf / ln 2``. When :math:`F(s_c)`
-underflows the exposure is capped at :data:`EXTRAPOLATION_CAP_BITS` (the probability of the
-smallest positive double) and flagged ``"capped": true``.
+:math:`-\log_2 F(s_c)`, computed as ``-skewnorm.logcdf / ln 2``: at least 0, and not bounded
+by :math:`\log_2|R|`. When :math:`F(s_c)` underflows the exposure is capped at
+:data:`EXTRAPOLATION_CAP_BITS` (the probability of the smallest positive double) and flagged
+``"capped": true``.
+
+Two reports are comparable only when they agree on :data:`COMPARABLE_KEYS` (metric, score
+direction, holdout size, tie rule, method): :func:`compare_reports` and the summaries over
+seeds refuse others with one line naming what differs.
 
 Per insertion count, :func:`summarize_by_insertions` reports the mean and the (population,
 ``ddof=0``) standard deviation over canaries, as in the paper's Table 1. Over several training
 seeds, :func:`summarize_over_seeds` first averages each seed's canaries, then reports the mean and
 std of those per-seed means, so the spread is run-to-run variation, not canary-to-canary.
+
+Input CSV files may start with a UTF-8 byte-order mark (as spreadsheet programs write them).
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -41,15 +61,21 @@ from privasr.canaries import read_canaries
 from privasr.data.manifest import Utterance, read_manifest, read_table
 
 __all__ = [
-    "METRICS", "METHODS", "TIES", "EXTRAPOLATION_CAP_BITS",
+    "METRICS", "METHODS", "TIES", "DIRECTIONS", "COMPARABLE_KEYS", "EXTRAPOLATION_CAP_BITS", "check_comparable",
     "normalize_text", "error_rates", "ranks", "exposure_interpolation", "exposure_extrapolation",
     "summarize_by_insertions", "summarize_over_seeds", "markdown_table", "plot_exposure", "read_hyps", "score_exposure",
-    "load_report", "compare_reports",
+    "load_report", "compare_reports", "describe_settings",
 ]
 
 METRICS = ("cer", "wer", "score")
 METHODS = ("interpolation", "extrapolation")
 TIES = ("mean", "reference")
+#: Which scores mean "the model finds this utterance likelier"; lower for CER, WER and losses.
+DIRECTIONS = ("lower", "higher")
+#: What two reports must share for their exposures to be compared (a report without
+#: ``direction`` predates the option, when scores were always lower-is-likelier).
+COMPARABLE_KEYS = ("metric", "direction", "holdout_size", "ties", "method")
+_REPORT_DEFAULTS = {"direction": "lower"}
 #: :math:`-\log_2` of the smallest positive double: exposure reported when the CDF underflows.
 EXTRAPOLATION_CAP_BITS = 1074.0
 
@@ -149,6 +175,31 @@ def _report_by_insertions(report: Mapping) -> dict[int, dict]:
     return summarize_by_insertions([e["insertions"] for e in canaries], [e["exposure"] for e in canaries])
 
 
+def check_comparable(reports: Sequence[Mapping], names: Sequence[str], required: bool = True) -> None:
+    """Refuse reports whose exposures are not comparable: they differ in one of :data:`COMPARABLE_KEYS`.
+
+    Exposure depends on all of them: ranks by CER and by loss differ, a direction flips the
+    ranking, :math:`|R|` sets the ceiling :math:`\\log_2|R|`, tie rules move tied canaries by up
+    to a bit, extrapolation is not bounded by :math:`\\log_2|R|`. With ``required``, a report
+    lacking a key (other than ``direction``, see :data:`COMPARABLE_KEYS`) is refused too;
+    without, only keys some report records are compared. Raises :class:`ValueError` (one line).
+    """
+    differing = []
+    for key in COMPARABLE_KEYS:
+        values = [report.get(key, _REPORT_DEFAULTS.get(key)) for report in reports]
+        if not required and all(key not in report for report in reports):
+            continue
+        if required and any(v is None for v in values):
+            missing = [n for n, v in zip(names, values) if v is None]
+            raise ValueError(f"{_few(missing)}: no {key!r} recorded, so the report cannot be proved comparable "
+                             f"(score it again with privasr-exposure)")
+        if len(set(map(str, values))) > 1:
+            differing.append(f"{key} " + ", ".join(f"{v} ({n})" for n, v in zip(names, values)))
+    if differing:
+        raise ValueError("exposure reports are not comparable: " + "; ".join(differing)
+                         + f" (each of {', '.join(COMPARABLE_KEYS)} must be the same)")
+
+
 def summarize_over_seeds(reports: Sequence[Mapping]) -> dict[int, dict]:
     """Exposure per insertion count over several seeds' reports (each from :func:`score_exposure`).
 
@@ -157,9 +208,10 @@ def summarize_over_seeds(reports: Sequence[Mapping]) -> dict[int, dict]:
     seed there is no run-to-run spread to report: the entry is that seed's mean and std over its
     canaries, marked ``"over": "canaries"``.
     """
-    per_seed = [_report_by_insertions(r) for r in reports]
-    if not per_seed:
+    if not reports:
         raise ValueError("no exposure reports to summarize")
+    check_comparable(reports, [f"seed {i + 1}" for i in range(len(reports))], required=False)
+    per_seed = [_report_by_insertions(r) for r in reports]
     if len(per_seed) == 1:
         return {k: {**v, "over": "canaries"} for k, v in per_seed[0].items()}
     counts = sorted({k for summary in per_seed for k in summary})
@@ -181,6 +233,8 @@ def difference_over_seeds(reports: Mapping[str, Mapping], references: Mapping[st
     seeds = [s for s in reports if s in references]
     if not seeds:
         raise ValueError("no seed is common to the runs and their reference")
+    check_comparable([reports[s] for s in seeds] + [references[s] for s in seeds],
+                     [f"seed {s}" for s in seeds] + [f"reference seed {s}" for s in seeds], required=False)
     per_seed = {s: [_report_by_insertions(r[s]) for r in (reports, references)] for s in seeds}
     out = {}
     for k in sorted({k for run, ref in per_seed.values() for k in run if k in ref}):
@@ -316,33 +370,45 @@ def score_exposure(
     metric: str = "cer",
     method: str = "interpolation",
     ties: str = "mean",
+    direction: str = "lower",
 ) -> dict:
     """The exposure report (the content of ``exposure.json``) of one model's hypotheses.
 
-    ``{"holdout_size", "metric", "method", "ties", "per_canary": [{"id", "insertions",
+    ``{"holdout_size", "metric", "direction", "method", "ties", "per_canary": [{"id", "insertions",
     "score", "rank", "exposure"[, "capped"]}], "by_insertions": {"1": {"mean", "std", "n"}, ...}}``.
-    ``rank`` is always the empirical rank (with ``ties``); non-finite scores are written as null.
+    ``direction`` says which scores are likelier (``"higher"``: only for ``metric="score"``);
+    ``score`` is the value as read, ``rank`` always the empirical rank (with ``ties``) in that
+    direction; non-finite scores are written as null.
     """
-    for name, value, allowed in (("metric", metric, METRICS), ("method", method, METHODS), ("ties", ties, TIES)):
+    for name, value, allowed in (("metric", metric, METRICS), ("method", method, METHODS), ("ties", ties, TIES),
+                                 ("direction", direction, DIRECTIONS)):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
-    canaries, insertions = read_canaries(canaries_csv)
-    holdout = read_manifest(holdout_csv, check_audio=False)
+    if direction == "higher" and metric != "score":
+        raise ValueError(f"direction 'higher' only applies to metric 'score': a lower {metric.upper()} is always "
+                         f"a better fit")
+    with _without_bom(canaries_csv) as path:
+        canaries, insertions = read_canaries(path)
+    with _without_bom(holdout_csv) as path:
+        holdout = read_manifest(path, check_audio=False)
     if not holdout:
         raise ValueError(f"{holdout_csv}: empty holdout set")
-    hyps = read_hyps(hyps_csv, metric)
+    with _without_bom(hyps_csv) as path:
+        hyps = read_hyps(path, metric)
     _check_ids(hyps_csv, hyps, canaries, holdout)
     canary_scores = _scores(canaries, hyps, metric, hyps_csv)
     holdout_scores = _scores(holdout, hyps, metric, hyps_csv)
-    rank, exposure = exposure_interpolation(canary_scores, holdout_scores, ties)
-    report = {"holdout_size": len(holdout), "metric": metric, "method": method, "ties": ties}
+    # Rank in the lower-is-likelier frame: negating "higher" scores reverses the order, ties stay ties.
+    sign = -1.0 if direction == "higher" else 1.0
+    rank, exposure = exposure_interpolation(sign * canary_scores, sign * holdout_scores, ties)
+    report = {"holdout_size": len(holdout), "metric": metric, "direction": direction, "method": method, "ties": ties}
     per_canary = [{"id": u.id, "insertions": k, "score": _finite(s), "rank": float(r), "exposure": float(e)}
                   for u, k, s, r, e in zip(canaries, insertions, canary_scores, rank, exposure)]
     if method == "extrapolation":
-        exposure, capped, params = exposure_extrapolation(canary_scores, holdout_scores)
+        exposure, capped, params = exposure_extrapolation(sign * canary_scores, sign * holdout_scores)
         for entry, e, c in zip(per_canary, exposure, capped):
             entry.update(exposure=float(e), capped=bool(c))
-        report["skewnorm_fit"] = dict(zip(("a", "loc", "scale"), params))
+        report["skewnorm_fit"] = dict(zip(("a", "loc", "scale"), params))  # of the (sign-adjusted) holdout scores
     report["holdout_scores"] = {"min": _finite(holdout_scores.min()), "median": _finite(np.median(holdout_scores)),
                                 "max": _finite(holdout_scores.max())}
     report["per_canary"] = per_canary
@@ -367,7 +433,7 @@ def load_report(path: str | os.PathLike) -> dict:
 
 
 def compare_reports(paths: Sequence[str | os.PathLike], labels: Sequence[str] | None = None) -> dict[str, dict]:
-    """``{label: by_insertions}`` of several reports.
+    """``{label: by_insertions}`` of several reports, refused unless they are comparable (:func:`check_comparable`).
 
     Labels are ``labels`` if given, else the reports' own ``"label"`` fields when all are
     present and distinct, else the file names.
@@ -384,7 +450,46 @@ def compare_reports(paths: Sequence[str | os.PathLike], labels: Sequence[str] | 
         names = _labels(paths)
     if len(set(names)) != len(names):
         raise ValueError(f"labels are not distinct: {', '.join(names)}; pass --labels")
+    check_comparable(reports, [str(p) for p in paths])
     return {name: report["by_insertions"] for name, report in zip(names, reports)}
+
+
+def describe_settings(report: Mapping) -> str:
+    """One line saying what a report's numbers mean: metric, direction, |R|, tie rule, method, range."""
+    size = report["holdout_size"]
+    direction = report.get("direction", "lower")
+    text = (f"exposure by {report['metric']} ({direction} = likelier), |R| = {size}, ties: {report['ties']}, "
+            f"{report['method']}")
+    if report["method"] == "interpolation":
+        return text + f": range [{math.log2(size / (size + 1)):.4f}, {math.log2(size):.2f}] bits"
+    return text + f": >= 0 bits, capped at {EXTRAPOLATION_CAP_BITS:.0f}"
+
+
+@contextlib.contextmanager
+def _without_bom(path: str | os.PathLike):
+    """``path``, or, when it starts with a UTF-8 byte-order mark, a temporary copy without it.
+
+    Spreadsheet programs write CSV files with a BOM, which would otherwise become part of the
+    first column's name (``\\ufeffID``). Errors about the copy are re-worded to name ``path``.
+    (The natural home of this is :func:`privasr.data.manifest.read_table` opening files as
+    ``utf-8-sig``; then this becomes a no-op.)
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            bom = handle.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
+    except OSError:  # missing or unreadable: let the reader report it
+        bom = False
+    if not bom:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="privasr-bom-") as tmp:
+        copy = Path(tmp) / path.name
+        copy.write_bytes(path.read_bytes()[len(codecs.BOM_UTF8):])
+        try:
+            yield copy
+        except ValueError as err:
+            raise ValueError(str(err).replace(str(copy), str(path))) from None
 
 
 def _labels(paths: Sequence[str | os.PathLike]) -> list[str]:

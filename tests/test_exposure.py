@@ -1,9 +1,12 @@
 """Exposure: hand-computed ranks, scipy's skew-normal, jiwer-consistent error rates, the CLI."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
+import subprocess
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from privasr.exposure import (EXTRAPOLATION_CAP_BITS, compare_reports, differenc
                               exposure_extrapolation, exposure_interpolation, markdown_table, ranks, score_exposure,
                               summarize_by_insertions, summarize_over_seeds)
 from tests.conftest import assert_one_line_error, run_privasr_cli
+from tools.score_exposure import main as score_main
 
 HOLDOUT = [0.1, 0.2, 0.2, 0.5]
 
@@ -200,25 +204,37 @@ def test_cli_scores_plots_and_compares(audit, tmp_path):
                            "--out", tmp_path / "a.json", "--plot", tmp_path / "a.png", "--label", "base")
     assert proc.returncode == 0, proc.stderr
     assert "| base | 2.0 ± 0.0 | 0.4 ± 0.0 |" in proc.stdout
+    assert "exposure by cer (lower = likelier), |R| = 4, ties: mean, interpolation" in proc.stdout
     report = json.loads((tmp_path / "a.json").read_text())
-    assert set(report) >= {"holdout_size", "metric", "method", "ties", "per_canary", "by_insertions"}
+    assert set(report) >= {"holdout_size", "metric", "direction", "method", "ties", "per_canary", "by_insertions"}
     assert set(report["per_canary"][0]) >= {"id", "insertions", "score", "rank", "exposure"}
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
-    proc = run_privasr_cli("tools.score_exposure", "--canaries", canaries, "--holdout", holdout, "--hyps", hyps,
-                           "--metric", "score", "--ties", "reference", "--out", tmp_path / "b.json", "--label", "pcc")
-    assert proc.returncode == 0, proc.stderr
-    proc = run_privasr_cli("tools.score_exposure", "compare", tmp_path / "a.json", tmp_path / "b.json",
-                           "--plot", tmp_path / "cmp.png", "--out", tmp_path / "cmp.md")
-    assert proc.returncode == 0, proc.stderr
+    # a second run whose canary_0001 is transcribed exactly (CER 0: better than every holdout utterance)
+    rows = [r for r in csv.reader(open(hyps))][1:]
+    exact = _hyps(tmp_path / "exact.csv", [(i, "ABCD" if i == "canary_0001" else h, s) for i, h, s in rows])
+    status = score_main(["--canaries", str(canaries), "--holdout", str(holdout), "--hyps", str(exact),
+                         "--out", str(tmp_path / "b.json"), "--label", "pcc"])
+    assert status == 0
+    status = score_main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                         "--plot", str(tmp_path / "cmp.png"), "--out", str(tmp_path / "cmp.md")])
+    assert status == 0
     assert (tmp_path / "cmp.md").read_text().splitlines()[2:] == ["| base | 2.0 ± 0.0 | 0.4 ± 0.0 |",
-                                                                   "| pcc | 2.0 ± 0.0 | 0.0 ± 0.0 |"]
+                                                                   "| pcc | 2.0 ± 0.0 | 2.0 ± 0.0 |"]
     assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
     assert list(compare_reports([tmp_path / "a.json", tmp_path / "b.json"], ["x", "y"])) == ["x", "y"]
 
 
+def _in_process(*args) -> subprocess.CompletedProcess:
+    """``privasr-exposure ARGS`` called in-process (fast), as a CompletedProcess for assert_one_line_error."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = score_main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
+
+
 def _score_cli(canaries, holdout, hyps, tmp_path, *extra):
-    return run_privasr_cli("tools.score_exposure", "--canaries", canaries, "--holdout", holdout, "--hyps", hyps,
-                           "--out", tmp_path / "e.json", *extra)
+    return _in_process("--canaries", canaries, "--holdout", holdout, "--hyps", hyps, "--out", tmp_path / "e.json",
+                       *extra)
 
 
 def test_cli_id_mismatches_are_one_line_errors(audit, tmp_path):
@@ -247,5 +263,105 @@ def test_cli_bad_files_are_one_line_errors(audit, tmp_path):
     assert_one_line_error(_score_cli(canaries, holdout, flat, tmp_path, "--method", "extrapolation"), "not all equal")
     assert_one_line_error(_score_cli(canaries, holdout, hyps, tmp_path, "--metric", "bleu"), "--metric")
     (tmp_path / "junk.json").write_text("{}")
-    assert_one_line_error(run_privasr_cli("tools.score_exposure", "compare", tmp_path / "junk.json", "--plot",
+    assert_one_line_error(_in_process("compare", tmp_path / "junk.json", "--plot",
                                           tmp_path / "x.png"), "not an exposure report")
+
+
+# ------------------------------------------------------------------ range, direction, comparability, BOM
+def test_range_of_exposure_for_both_tie_rules():
+    """Floor log2(|R|/(|R|+1)), ceiling log2 |R|; the all-tied model: ~1 bit (mean) or the floor (reference)."""
+    size = 1000
+    holdout = np.linspace(0.1, 0.9, size)  # distinct scores
+    for ties in ("mean", "reference"):
+        _, exposure = exposure_interpolation([0.0, 1.0], holdout, ties)
+        np.testing.assert_allclose(exposure, [math.log2(size), math.log2(size / (size + 1))])
+    _, tied_mean = exposure_interpolation([1.0], np.ones(size), "mean")
+    _, tied_reference = exposure_interpolation([1.0], np.ones(size), "reference")
+    assert tied_mean[0] == pytest.approx(math.log2(size) - math.log2(1 + size / 2))  # 0.9971
+    assert tied_reference[0] == pytest.approx(math.log2(size / (size + 1)))  # -0.0014: the floor
+    # a canary the model treats like holdout: rank uniform on 1..|R|+1, mean exposure ~ log2(e)
+    _, every_rank = exposure_interpolation(np.linspace(0.0, 1.0, 2 * size + 1), holdout, "reference")
+    uniform = np.mean([math.log2(size) - math.log2(r) for r in range(1, size + 2)])
+    assert uniform == pytest.approx(math.log2(math.e), abs=0.01)
+    assert every_rank.min() == pytest.approx(math.log2(size / (size + 1)))
+
+
+def test_higher_is_likelier_reverses_the_ranking(audit):
+    """Scores 0.1 and 3 against holdout 1, 2, 2, 4: lower-is-likelier ranks 1 and 4; higher-is-likelier 5 and 2."""
+    lower = score_exposure(*audit, metric="score")
+    assert lower["direction"] == "lower"
+    assert [c["rank"] for c in lower["per_canary"]] == [1.0, 4.0]
+    higher = score_exposure(*audit, metric="score", direction="higher")
+    assert higher["direction"] == "higher"
+    assert [c["rank"] for c in higher["per_canary"]] == [5.0, 2.0]  # 0.1 below all; 3 above 1, 2, 2
+    assert [c["exposure"] for c in higher["per_canary"]] == pytest.approx([2 - math.log2(5), 1.0])
+    assert [c["score"] for c in higher["per_canary"]] == [0.1, 3.0]  # scores as read
+    with pytest.raises(ValueError, match="direction 'higher' only applies to metric 'score'"):
+        score_exposure(*audit, metric="cer", direction="higher")
+
+
+def test_direction_is_documented_in_help(capsys):
+    assert score_main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--direction {lower,higher}" in text and "lower (default; CER, WER and a loss" in text
+
+
+def _with(path, out, **changes):
+    report = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            report.pop(key)
+        else:
+            report[key] = value
+    out.write_text(json.dumps(report))
+    return out
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"metric": "score"}, "metric cer ("),
+    ({"direction": "higher", "metric": "score"}, "direction lower ("),
+    ({"holdout_size": 1000}, "holdout_size 4 ("),
+    ({"ties": "reference"}, "ties mean ("),
+    ({"method": "extrapolation"}, "method interpolation ("),
+    ({"holdout_size": None}, "no 'holdout_size' recorded"),
+])
+def test_compare_refuses_reports_that_are_not_comparable(audit, tmp_path, capsys, changes, fragment):
+    report = tmp_path / "a.json"
+    report.write_text(json.dumps(score_exposure(*audit)))
+    other = _with(report, tmp_path / "b.json", **changes)
+    before = sorted(tmp_path.iterdir())
+    status = score_main(["compare", str(report), str(other), "--plot", str(tmp_path / "cmp.png"),
+                         "--out", str(tmp_path / "cmp.md")])
+    lines = capsys.readouterr().err.splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("privasr-exposure: error: exposure reports are "
+                                                                    "not comparable" if "recorded" not in fragment
+                                                                    else "privasr-exposure: error: ")
+    assert fragment in lines[0]
+    assert sorted(tmp_path.iterdir()) == before  # neither the table nor the plot
+
+
+def test_a_report_without_direction_is_lower_is_likelier(audit, tmp_path):
+    """Reports written before --direction existed ranked lower-is-likelier: they compare with new ones."""
+    report = tmp_path / "a.json"
+    report.write_text(json.dumps(score_exposure(*audit)))
+    old = _with(report, tmp_path / "old.json", direction=None)
+    assert list(compare_reports([report, old], ["new", "old"])) == ["new", "old"]
+    with pytest.raises(ValueError, match="not comparable: metric"):
+        summarize_over_seeds([score_exposure(*audit), score_exposure(*audit, metric="score")])
+    with pytest.raises(ValueError, match="not comparable: ties"):
+        difference_over_seeds({"1": score_exposure(*audit)}, {"1": score_exposure(*audit, ties="reference")})
+
+
+def test_byte_order_mark_is_accepted(audit, tmp_path):
+    """CSV files saved by a spreadsheet start with a UTF-8 BOM: same report as without it."""
+    bom = []
+    for path in audit:
+        copy = tmp_path / f"bom_{path.name}"
+        copy.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        bom.append(copy)
+    assert score_exposure(*bom) == score_exposure(*audit)
+    assert score_exposure(*bom, metric="score") == score_exposure(*audit, metric="score")
+    broken = tmp_path / "bom_broken.csv"
+    broken.write_bytes(b"\xef\xbb\xbfID,hyp\ncanary_0000\n")
+    with pytest.raises(ValueError, match=f"{broken}:2: expected 2 fields"):  # errors name the user's file
+        score_exposure(audit[0], audit[1], broken)

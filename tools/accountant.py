@@ -7,25 +7,22 @@ Examples::
     privasr-accountant --sample-rate 0.01 --target-epsilon 2 --steps 1000 --delta 1e-5
     1.02295
 
-Prints one number on stdout. Bad input: one line on stderr, exit status 2.
+Prints one number on stdout (``--steps 0`` spends nothing: 0; ``--noise-multiplier 0``: inf).
+Bad input: one line on stderr, exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import List, Optional
 
+from privasr.data import CliParser, run_cli
 
-class _OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are a single line (no usage block)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+PROG = "privasr-accountant"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
-        prog="privasr-accountant",
+def build_parser() -> CliParser:
+    parser = CliParser(
+        prog=PROG,
         description="Privacy accounting for DP-SGD with Poisson sampling (Opacus accountants). "
         "Prints epsilon, or with --target-epsilon the noise multiplier that meets it.",
     )
@@ -39,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _main(argv: Optional[List[str]]) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     from privasr.accounting import epsilon, noise_multiplier_for
@@ -53,8 +50,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             value = epsilon(args.sample_rate, args.noise_multiplier, args.steps, args.delta, args.accountant)
     except ValueError as err:
         parser.error(str(err).splitlines()[0])
+    except (MemoryError, OverflowError):  # PRV discretizes the privacy loss; a tiny sigma needs an absurd grid
+        parser.error(f"the {args.accountant} accountant cannot evaluate this setting (the privacy loss is too "
+                     f"large to discretize); use --accountant rdp")
     print(f"{value:.6g}")
-    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Console-script entry point; returns the exit status (bad input: one line, 2)."""
+    return run_cli(_main, argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ cores per process, loop), ``pec-vmap`` and ``pec-loop`` (one core per example).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -24,6 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from privasr.data import CliParser, check_output_file, nonnegative_int, positive_float, positive_int, run_cli
+
+PROG = "privasr-bench"
 DEFAULT_STRATEGIES = ["ddp", "none", "global", "pcc", "apcc", "pcc-v4", "pec-vmap", "pec-loop"]
 
 
@@ -51,7 +53,10 @@ def strategy_settings(name):
     if name in ("none", "global", "pcc", "apcc"):
         return name, 1, "loop"
     if name.startswith("pcc-v"):
-        return "pcc", int(name[len("pcc-v"):]), "loop"
+        k = name[len("pcc-v"):]
+        if not (k.isdigit() and int(k) >= 1):
+            raise ValueError(f"unknown strategy {name!r}: pcc-vK needs an integer K >= 1 (virtual cores per process)")
+        return "pcc", int(k), "loop"
     if name == "pec-vmap":
         return "pcc", "example", "vmap"
     if name == "pec-loop":
@@ -202,28 +207,79 @@ def markdown_table(results, reference="none"):
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES)
-    p.add_argument("--nproc", type=int, default=2, help="DDP processes (cores)")
-    p.add_argument("--batch", type=int, default=8, help="utterances per process")
-    p.add_argument("--seconds", type=float, default=3.0, help="longest utterance, seconds")
-    p.add_argument("--tokens", type=int, default=30, help="transcript length in tokens")
-    p.add_argument("--vocab", type=int, default=32)
-    p.add_argument("--d-model", type=int, default=144)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+def model_arguments(p: CliParser) -> None:
+    """The options both benchmarks share: processes, the random batch, the Conformer, timing, output."""
+    p.add_argument("--nproc", type=positive_int, default=2, help="DDP processes (cores)")
+    p.add_argument("--seconds", type=positive_float, default=3.0, help="longest utterance, seconds")
+    p.add_argument("--vocab", type=positive_int, default=32, help="output classes incl. the CTC blank (>= 2)")
+    p.add_argument("--d-model", type=positive_int, default=144)
+    p.add_argument("--layers", type=positive_int, default=4)
+    p.add_argument("--heads", type=positive_int, default=4, help="attention heads (must divide --d-model)")
+    p.add_argument("--warmup", type=nonnegative_int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per process")
     p.add_argument("--cpu", action="store_true", help="stay on CPU even if CUDA is there")
     p.add_argument("--json", help="also write the results here")
+
+
+def check_model_arguments(p: CliParser, args) -> None:
+    """Refuse, before any process starts, settings the model or the output cannot take (one line)."""
+    if args.vocab < 2:
+        p.error(f"--vocab must be >= 2 (the CTC blank and at least one token), got {args.vocab}")
+    if args.d_model % args.heads:
+        p.error(f"--heads {args.heads} must divide --d-model {args.d_model}")
+    cuda = torch.cuda.is_available() and not args.cpu
+    if cuda and args.nproc > torch.cuda.device_count():
+        p.error(f"--nproc {args.nproc} but {torch.cuda.device_count()} GPU(s): one process per GPU (or --cpu)")
+    if args.json is not None:
+        try:
+            check_output_file(args.json, "--json")
+        except ValueError as err:
+            p.error(str(err))
+    infeasible = ctc_infeasible_utterances(args)
+    if infeasible:
+        p.error(f"{infeasible} of the {args.nproc * args.batch} random utterances have more tokens than CTC output "
+                f"frames (their loss would be silently zero): raise --seconds or lower --tokens")
+
+
+def ctc_infeasible_utterances(args) -> int:
+    """How many of the benchmark's utterances (every rank's batch) CTC cannot align.
+
+    The output frames depend only on the audio lengths, so one forward pass of rank 0's batch
+    gives them; each rank's transcripts are then checked with :func:`privasr.asr.brain.ctc_infeasible`.
+    """
+    from privasr.asr.brain import ctc_infeasible
+
+    model = build_model(args, torch.device("cpu"))
+    with torch.no_grad():
+        wavs, wav_lens, _, _ = make_batch(args, 0, "cpu")
+        log_probs, out_lens = model.forward_features(*model.features(wavs, wav_lens))
+    frames = torch.round(out_lens * log_probs.shape[1])
+    count = 0
+    for rank in range(args.nproc):
+        _, _, tokens, token_lens = make_batch(args, rank, "cpu")
+        count += int(ctc_infeasible(frames, tokens, torch.round(token_lens * tokens.shape[1])).sum())
+    return count
+
+
+def parse_args(argv=None):
+    p = CliParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES,
+                   help=f"default: {' '.join(DEFAULT_STRATEGIES)} (pcc-vK: K virtual cores per process)")
+    p.add_argument("--batch", type=positive_int, default=8, help="utterances per process")
+    p.add_argument("--tokens", type=positive_int, default=30, help="transcript length in tokens")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps (>= 1)")
+    model_arguments(p)
     args = p.parse_args(argv)
     for s in args.strategies:
         try:
-            strategy_settings(s) if s != "ddp" else None
+            _, cores, _ = strategy_settings(s) if s != "ddp" else (None, 1, None)
         except ValueError as e:
             p.error(str(e))
+        if isinstance(cores, int) and cores > args.batch:
+            p.error(f"strategy {s}: {cores} virtual cores need at least as many utterances per process "
+                    f"(--batch {args.batch})")
+    check_model_arguments(p, args)
+    args.strategies = list(dict.fromkeys(args.strategies))  # a strategy named twice is measured once
     if "none" not in args.strategies:
         args.strategies = ["none"] + args.strategies
     return args
@@ -240,15 +296,21 @@ def run_rows(args, rows, measure_row, details: str = "") -> dict:
           f"Conformer d={args.d_model} x{args.layers}; {details}median of {args.steps} steps\n")
     print(markdown_table(results))
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"settings": vars(args), "results": results}, f, indent=2)
     return results
 
 
-def main(argv=None):
+def _main(argv=None):
     args = parse_args(argv)
     run_rows(args, args.strategies, measure)
 
 
+def main(argv=None) -> int:
+    """Console-script entry point; returns the exit status (bad input: one line, 2)."""
+    return run_cli(_main, argv, prog=PROG)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

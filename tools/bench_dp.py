@@ -15,7 +15,6 @@ layers get no per-example gradient, clipping or noise.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,8 +23,10 @@ import tempfile
 import torch
 import torch.multiprocessing as mp
 
+from privasr.data import CliParser, fraction, positive_int, run_cli
 from tools import bench_clipping
 
+PROG = "privasr-bench-dp"
 DEFAULT_ROWS = ["none", "dp-flat", "dp-dim", "dp-flat-freeze", "dp-dim-freeze"]
 DP_MODES = ("flat", "uniform", "dim")
 
@@ -106,24 +107,16 @@ def measure(args, row):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = CliParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="none and dp-<flat|uniform|dim>[-freeze]")
-    p.add_argument("--nproc", type=int, default=2, help="DDP processes")
-    p.add_argument("--batch", type=int, default=4, help="utterances per process (the Poisson mean, fixed here)")
-    p.add_argument("--seconds", type=float, default=2.0, help="longest utterance, seconds")
-    p.add_argument("--tokens", type=int, default=20, help="transcript length in tokens")
-    p.add_argument("--vocab", type=int, default=32)
-    p.add_argument("--d-model", type=int, default=144)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--batch", type=positive_int, default=4, help="utterances per process (the Poisson mean, fixed here)")
+    p.add_argument("--tokens", type=positive_int, default=20, help="transcript length in tokens")
     p.add_argument("--grad-mode", choices=("loop", "vmap"), default="loop", help="per-example gradients")
-    p.add_argument("--micro-batch", type=int, default=8, help="examples per vmap call")
-    p.add_argument("--freeze-fraction", type=float, default=0.5, help="layers frozen in the -freeze rows")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--cpu", action="store_true", help="stay on CPU even if CUDA is there")
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--micro-batch", type=positive_int, default=8, help="examples per vmap call")
+    p.add_argument("--freeze-fraction", type=fraction, default=0.5, help="layers frozen in the -freeze rows, in [0, 1]")
+    p.add_argument("--steps", type=positive_int, default=3, help="timed steps (>= 1)")
+    bench_clipping.model_arguments(p)
+    p.set_defaults(seconds=2.0)
     args = p.parse_args(argv)
     for row in args.rows:
         if row != "none":
@@ -131,18 +124,23 @@ def parse_args(argv=None):
                 row_settings(row)
             except ValueError as e:
                 p.error(str(e))
-    if not 0.0 <= args.freeze_fraction <= 1.0:
-        p.error(f"--freeze-fraction must be in [0, 1], got {args.freeze_fraction}")
+    bench_clipping.check_model_arguments(p, args)
+    args.rows = list(dict.fromkeys(args.rows))  # a row named twice is measured once
     if "none" not in args.rows:
         args.rows = ["none"] + args.rows
     return args
 
 
-def main(argv=None):
+def _main(argv=None):
     args = parse_args(argv)
     bench_clipping.run_rows(args, args.rows, measure, f"per-example gradients: {args.grad_mode}; -freeze rows: "
                             f"{args.freeze_fraction:.0%} of the layers frozen; ")
 
 
+def main(argv=None) -> int:
+    """Console-script entry point; returns the exit status (bad input: one line, 2)."""
+    return run_cli(_main, argv, prog=PROG)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
