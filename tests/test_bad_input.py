@@ -315,3 +315,31 @@ def test_help_lists_the_recipe_keys_with_defaults_and_meanings(recipe, keys, cap
         for key in keys:
             assert key in text, key
         assert "--model " not in text and "--modules" not in text  # built objects are not options
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("warm-start-batch-0", ["--warm_start_batch_size must be a positive integer, got 0"]),
+    ("dp-batch-0", ["--dp_batch_size must be a positive integer, got 0"]),
+    ("output-under-a-file", ["--output_folder", "cannot be created", "is a file"]),
+    ("empty-after-max-duration", ["no utterances of at most 0.5 s"]),
+    ("empty-after-header", ["train.csv: no utterances"]),
+])
+def test_ssl_recipe_refuses_bad_input_before_anything_is_written(case, fragments, data, tmp_path, capsys):
+    recipe = RECIPE.parents[1] / "SSL" / "bestrq"
+    main = runpy.run_path(str(recipe / "train.py"))["main"]
+    out = tmp_path / "run"
+    options = {"warm-start-batch-0": ["--warm_start_batch_size", "0"], "dp-batch-0": ["--dp_batch_size", "0"],
+               "empty-after-max-duration": ["--max_duration", "0.5"]}.get(case, [])
+    if case == "output-under-a-file":
+        (tmp_path / "blocker").write_text("")
+        out = tmp_path / "blocker" / "run"
+    if case == "empty-after-header":
+        options = ["--train_csv", str(write_manifest_copy(data, tmp_path, _header_only))]
+    argv = [str(recipe / "hparams" / "bestrq_dp_quick.yaml"), "--data_folder", str(data), "--output_folder", str(out),
+            "--noprogressbar", *options]
+    status = run_cli(main, argv, prog="bestrq/train.py")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("bestrq/train.py: error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not out.exists()
