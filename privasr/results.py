@@ -25,8 +25,10 @@ import numpy as np
 
 from privasr.exposure import markdown_table, plot_exposure, score_exposure, summarize_over_seeds
 from privasr.metrics import wer
+from privasr.provenance import ProvenanceError, check_references, check_transcripts, describe_run, read_fingerprint
 
 EXPOSURE_METRICS = {"cer": "CER", "score": "loss"}
+DECODED_SETS = ("test", "dev", "train_eval", "canaries", "holdout")
 
 
 def read_transcripts(path: Path) -> tuple[list[str], list[str]]:
@@ -87,6 +89,21 @@ def exposure_spread_note(seeds: int) -> str:
     return "One seed: mean ± std over its canaries (run-to-run spread needs --seeds with several seeds)."
 
 
+def check_run_transcripts(run_dir: Path, canaries: Path, holdout: Path) -> None:
+    """Refuse transcripts not traceable to the run's checkpoint, or not of these canaries and holdout."""
+    check_transcripts(run_dir, DECODED_SETS)
+    check_references(run_dir / "hyps" / "canaries.csv", canaries)
+    check_references(run_dir / "hyps" / "holdout.csv", holdout)
+
+
+def run_settings(runs: list[dict]) -> str:
+    """A method's settings (b, B, C), and the seeds' count; seeds trained otherwise are refused."""
+    described = {r["settings"] for r in runs}
+    if len(described) > 1:
+        raise ValueError(f"the seeds of one method were trained with other settings: {' / '.join(sorted(described))}")
+    return described.pop()
+
+
 def collect(exp: Path, canaries: Path, holdout: Path, methods: list[str], seeds: list[str]) -> dict:
     results = {}
     for method in methods:
@@ -95,8 +112,10 @@ def collect(exp: Path, canaries: Path, holdout: Path, methods: list[str], seeds:
             run_dir = exp / method / f"seed{seed}"
             if not (run_dir / "hyps" / "canaries.csv").exists():
                 raise FileNotFoundError(f"{run_dir}/hyps/canaries.csv not found: run the decode stage (5) first")
+            check_run_transcripts(run_dir, canaries, holdout)
             merge_hyps(run_dir)
-            runs.append({"seed": seed, "wer": run_wers(run_dir), "exposure": run_exposures(run_dir, canaries, holdout)})
+            runs.append({"seed": seed, "settings": describe_run(read_fingerprint(run_dir)), "wer": run_wers(run_dir),
+                         "exposure": run_exposures(run_dir, canaries, holdout)})
         results[method] = runs
     return results
 
@@ -108,7 +127,10 @@ def write_results(exp: Path, results: dict) -> Path:
     lines = ["# Results", "", f"Methods: {', '.join(results)}; seeds: "
              f"{', '.join(r['seed'] for r in next(iter(results.values())))}; holdout |R| = {holdout_size} "
              f"(exposure ceiling log2|R| = {math.log2(holdout_size):.2f} bits, floor ≈ 1 bit).", ""]
-    lines += ["## WER (%) — Table 2", "", "| method | test | dev |", "|---|---|---|"]
+    lines += ["## Runs", "", "| method | settings (b: bound, B: per-core batch, C: cores) | seeds |", "|---|---|---|"]
+    for method, runs in results.items():
+        lines.append(f"| {method} | {run_settings(runs)} | {len(runs)} |")
+    lines += ["", "## WER (%) — Table 2", "", "| method | test | dev |", "|---|---|---|"]
     for method, runs in results.items():
         lines.append(f"| {method} | {mean_std([r['wer'].get('test') for r in runs])} | "
                      f"{mean_std([r['wer'].get('dev') for r in runs])} |")
@@ -141,7 +163,7 @@ def main(argv=None) -> int:
     try:
         results = collect(args.exp, args.canaries, args.holdout, args.methods.split(), args.seeds.split())
         path = write_results(args.exp, results)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ProvenanceError) as err:
         print(f"privasr.results: error: {err}", file=sys.stderr)
         return 2
     print(path.read_text())

@@ -61,8 +61,8 @@ def test_rerun_skips_work_already_done(quick_run):
     work, data, exp, _ = quick_run
     result = run("--quick", "true", "--data", data, "--exp", exp, "--methods", "baseline pcc apcc", "--stop_stage", "5")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "baseline seed 1 already trained" in result.stdout
-    assert "pcc seed 1 already decoded" in result.stdout
+    assert "baseline seed 1 already trained with these settings" in result.stdout
+    assert "pcc seed 1 already decoded from this checkpoint" in result.stdout
     assert "canaries already made" in result.stdout, result.stdout[-2000:]
 
 
@@ -88,8 +88,9 @@ def test_two_cpu_processes_train_under_torchrun(quick_run):
     result = run("--quick", "true", "--data", data, "--exp", exp, "--methods", "pcc", "--nproc", "2",
                  "--virtual_cores", "2", "--stage", "4", "--stop_stage", "4")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = os.path.join(exp, "pcc", "seed1")
+    run_dir = os.path.join(exp, "pcc_k2_p2", "seed1")  # the run name says the settings given
     assert os.path.exists(os.path.join(run_dir, ".trained"))
+    assert json.load(open(os.path.join(run_dir, "fingerprint.json")))["cores"]["total"] == 4
     for rank in (0, 1):
         assert os.path.getsize(os.path.join(run_dir, "core_stats", f"core_stats.rank{rank}.csv")) > 0
 
@@ -103,7 +104,48 @@ def test_runs_trained_with_other_canaries_are_refused(quick_run):
     result = run("--quick", "true", "--data", str(data2), "--exp", str(exp2), "--methods", "baseline",
                  "--canary_args", "--per-count 1 --counts 1 4 --holdout 20", "--stage", "2", "--stop_stage", "5")
     assert result.returncode == 2, result.stdout[-2000:]
-    assert "was trained with other canaries" in result.stdout and "use another --exp" in result.stdout
+    assert "FAILED: training baseline seed 1: train.py: error: " in result.stdout
+    assert "holds a run made with other settings (data.canaries_csv: " in result.stdout
+    assert "another --exp" in result.stdout
+
+
+def test_old_transcripts_are_not_scored_against_remade_canaries(quick_run):
+    """Canaries remade with the same IDs and new texts: scoring refuses the old transcripts (was: 4.3 bits as 0.3)."""
+    work, data, exp, _ = quick_run
+    data2, exp2 = work / "data_remade", work / "exp_remade"
+    shutil.copytree(data, data2)
+    shutil.copytree(exp, exp2)
+    canaries = data2 / "canaries" / "canaries.csv"
+    lines = canaries.read_text(encoding="utf-8").splitlines()
+    first = lines[1].rsplit(",", 1)
+    lines[1] = first[0] + ",remade words here"
+    canaries.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = run("--quick", "true", "--data", str(data2), "--exp", str(exp2), "--methods", "pcc",
+                 "--stage", "6", "--stop_stage", "6")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "privasr.results: error: " in result.stderr and "decode again" in result.stderr
+    assert (exp2 / "pcc" / "seed1" / "exposure_cer.json").read_text() == (
+        open(os.path.join(exp, "pcc", "seed1", "exposure_cer.json")).read())  # nothing re-scored
+
+
+def test_the_header_example_gets_a_run_of_its_own(quick_run):
+    """`--stage 4 --stop_stage 6 --methods pcc --clip_bound 0.5` after the default job: a new run, not the b=1 one."""
+    work, data, exp, _ = quick_run
+    exp2 = work / "exp_bound"
+    shutil.copytree(exp, exp2)
+    result = run("--quick", "true", "--data", data, "--exp", str(exp2), "--methods", "pcc", "--clip_bound", "0.5",
+                 "--stage", "4", "--stop_stage", "6")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "training pcc seed 1 -> " + str(exp2 / "pcc_b0.5" / "seed1") in result.stdout
+    fingerprint = json.load(open(exp2 / "pcc_b0.5" / "seed1" / "fingerprint.json"))
+    assert fingerprint["settings"]["clip_bound"] == 0.5
+    report = (exp2 / "RESULTS.md").read_text()
+    assert "| pcc_b0.5 | pcc, b=0.5, B=2, C=4 | 1 |" in report, report[:800]
+    # a change the run name does not encode is refused, naming the key
+    result = run("--quick", "true", "--data", data, "--exp", str(exp2), "--methods", "pcc", "--stage", "4",
+                 "--stop_stage", "4", "--train_args", "--lr=0.01")
+    assert result.returncode == 2
+    assert "settings.lr: 0.001 there, 0.01 here" in result.stdout
 
 
 def test_jobs_must_be_a_whole_number():

@@ -10,6 +10,8 @@ ssl_recipe=recipes/mini_tts/SSL/bestrq
 ssl_hparams=hparams/bestrq_dp.yaml
 model_size=mini                   # encoder size, the same for pre-training and fine-tuning
 pretrain_args=""                  # extra overrides for the pre-training, e.g. "--noise_multiplier 1.5"
+stages_help="0 corpus, 1 manifests, 2 tokenizer, 3 DP pre-training, 4 fine-tuning from the DP encoder, 5 fine-tuning from scratch (--baseline true), 6 results"
+last_stage=6
 baseline=true                     # also fine-tune from scratch (same recipe, no pre-trained encoder)
 
 launch_ssl() {  # launch_ssl OUTPUT_DIR OVERRIDES... : the pre-training recipe's train.py
@@ -26,21 +28,21 @@ stage_dp_pretrain() {
   if [ -f "$dir/.done" ]; then log "DP pre-training already done: $(tail -n 1 "$dir/train.log")"; return; fi
   mkdir -p "$dir"
   log "DP pre-training -> $dir (log: $dir/train.log; progress: tensorboard --logdir $dir/tensorboard)"
-  launch_ssl "$dir" >> "$dir/train.log" 2>&1 || die "DP pre-training failed; see $dir/train.log"
+  launch_ssl "$dir" >> "$dir/train.log" 2>&1 \
+    || die "DP pre-training failed: $(error_line "$dir/train.log") (log: $dir/train.log)"
   grep -A 100 "^LayerFreeze" "$dir/train.log" | grep -m 1 "layers frozen" | sed "s/^/    /" || true
   tail -n 1 "$dir/train.log" | sed "s/^/    /"
   touch "$dir/.done"
 }
 
 stage_dp_finetune() {  # stage_dp_finetune NAME ENCODER : CTC fine-tuning ("null" encoder: from scratch)
+  # train.py finishes at once a finished run (and does not decode again), refuses one made with other settings
   local name=$1 encoder=$2 dir=$exp/$1
-  if [ -f "$dir/.done" ]; then log "fine-tuning '$name' already done"; return; fi
   [ "$encoder" = null ] || [ -f "$encoder" ] || die "no pre-trained encoder $encoder; run stage 3 first"
   mkdir -p "$dir"
   log "CTC fine-tuning '$name' -> $dir (log: $dir/train.log)"
-  # shellcheck disable=SC2046
   launch_train "$dir" --mode train_and_decode --pretrained_encoder "$encoder" --model_size "$model_size" \
-    $(backend_args) >> "$dir/train.log" 2>&1 || die "fine-tuning '$name' failed; see $dir/train.log"
+    >> "$dir/train.log" 2>&1 || die "fine-tuning '$name' failed: $(error_line "$dir/train.log") (log: $dir/train.log)"
   tail -n 1 "$dir/train_log.txt" | sed "s/^/    /"
   touch "$dir/.done"
 }

@@ -13,39 +13,97 @@ python=python3
 [ -x "$PRIVASR_ROOT/.venv/bin/python" ] && python="$PRIVASR_ROOT/.venv/bin/python"
 
 # Options every corpus knows (a corpus may add its own to extra_options before sourcing).
-stage=0
-stop_stage=6
+stage=0                           # first stage to run
+stop_stage=6                      # last stage to run
 nj=2                              # parallel jobs for synthesis / preparation
 nproc=1                           # DDP processes per training run (torchrun)
 jobs=1                            # training runs at a time (each gets $(nproc)/jobs CPU threads)
 virtual_cores=                    # cores each process emulates (empty: the YAML's value)
 methods="baseline pcc apcc"       # any of: baseline global pcc apcc pec
-seeds="1"
-clip_bound=                       # empty: the YAML's value
+seeds="1"                         # training seeds (each method x seed is one run)
+clip_bound=                       # b for pcc / pec, max norm for global (empty: the YAML's value)
 vocab_size=                       # tokenizer and model output size; empty: the recipe YAML's
 tokenizer_type=                   # char | unigram | bpe; empty: the recipe YAML's
-exp=exp                           # results go here
-data=data
+exp=exp                           # runs and RESULTS.md go here
+data=data                         # corpus, canaries and tokenizer go here
 train_args=""                     # extra overrides for train.py, e.g. "--number_of_epochs=2"
 known_options="stage stop_stage nj nproc jobs virtual_cores methods seeds clip_bound vocab_size tokenizer_type exp data train_args ${extra_options:-}"
 
 log() { echo "$(date '+%Y-%m-%d %H:%M:%S') [$(basename "$0")] $*"; }
 die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
 
+stages_help=${stages_help:-"0 corpus, 1 manifests, 2 canaries, 3 tokenizer, 4 train (--methods x --seeds), 5 decode, 6 score -> \$exp/RESULTS.md"}
+last_stage=${last_stage:-6}
+
+usage() {  # every option with its default (the value before parsing) and the comment beside its definition
+  local name meaning sources=("$0" "${BASH_SOURCE[@]}")
+  echo "usage: $0 [--OPTION VALUE ...]"
+  echo "stages: $stages_help"
+  echo "options:"
+  for name in $known_options; do
+    meaning=$(grep -hE "^[[:space:]]*(: \"\\\$\{)?$name=[^#]*#" "${sources[@]}" 2>/dev/null | head -n 1 | sed 's/^[^#]*# *//')
+    printf '  --%-22s %s\n' "$name" "(default: '${!name}') ${meaning}"
+  done
+}
+
 parse_options() {
   while [ $# -gt 0 ]; do
     case "$1" in
-      --help|-h) echo "usage: $0 [--OPTION VALUE ...]; options: ${known_options// / --}" | sed 's/options: /options: --/'; exit 0 ;;
+      --help|-h) usage; exit 0 ;;
       --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
       --*)
         local name=${1#--}; name=${name//-/_}
         [[ " $known_options " == *" $name "* ]] || die "unknown option --${1#--}; known options: --${known_options// / --}"
         [ $# -ge 2 ] || die "option $1 needs a value"
-        printf -v "$name" '%s' "$2"; shift 2 ;;
+        printf -v "$name" '%s' "$2"; given_options+=" $name"; shift 2 ;;
       *) die "unexpected argument '$1'; options look like --stage 3" ;;
     esac
   done
   require_count jobs; require_count nproc; require_count nj
+  [[ "$stage" =~ ^[0-9]+$ ]] || die "--stage takes a whole number 0..$last_stage, got '$stage'"
+  [[ "$stop_stage" =~ ^[0-9]+$ ]] || die "--stop_stage takes a whole number 0..$last_stage, got '$stop_stage'"
+  [ "$stage" -le "$stop_stage" ] || die "--stage $stage is after --stop_stage $stop_stage: no stage to run"
+  [ "$stage" -le "$last_stage" ] || die "--stage $stage: the last stage is $last_stage ($stages_help)"
+  [ -n "${methods// /}" ] || die "--methods is empty; give one or more of: baseline global pcc apcc pec"
+  local m; for m in $methods; do clipping_of "$m" > /dev/null; done
+  [ -n "${seeds// /}" ] || [ "${seeds_may_be_empty:-false}" = true ] || die "--seeds is empty; give one or more seeds, e.g. --seeds \"1 2 3\""
+  for m in $seeds; do [[ "$m" =~ ^[0-9]+$ ]] || die "--seeds takes whole numbers, got '$m'"; done
+  [ -z "$clip_bound" ] || [[ "$clip_bound" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] \
+    || die "--clip_bound takes a positive number, got '$clip_bound'"
+  [ -z "$virtual_cores" ] || require_count virtual_cores
+  check_folder exp; check_folder data
+  check_train_args
+}
+
+given() { [[ " ${given_options:-} " == *" $1 "* ]]; }  # given NAME: --NAME was on the command line
+
+check_folder() {  # check_folder NAME: the option --NAME names a folder that exists or can be made, and is writable
+  local dir=${!1} parent
+  [ -n "$dir" ] || die "--$1 is empty"
+  if [ -e "$dir" ]; then
+    [ -d "$dir" ] || die "--$1 $dir is a file, not a folder"
+    [ -w "$dir" ] || die "--$1 $dir is not writable"
+  else
+    parent=$(dirname "$dir"); while [ ! -e "$parent" ]; do parent=$(dirname "$parent"); done
+    [ -d "$parent" ] && [ -w "$parent" ] || die "--$1 $dir cannot be created ($parent is not a writable folder)"
+  fi
+}
+
+with_defaults() {  # with_defaults "DEFAULT OVERRIDES" "USER OVERRIDES": the defaults whose key the user did not give, then the user's
+  local out="" word key user=" $2 "
+  for word in $1; do
+    key=${word%%=*}
+    [[ "$user" == *" $key "* || "$user" == *" $key="* ]] || out+="$word "
+  done
+  echo "$out$2"
+}
+
+check_train_args() {  # refuse unknown or mistyped --train_args keys before any stage runs (minutes of synthesis)
+  [ -n "${train_args// /}" ] || return 0
+  local problem
+  # shellcheck disable=SC2086
+  problem=$($python -m privasr.faults check-overrides "$PRIVASR_ROOT/$recipe/$hparams" $train_args 2>&1 >/dev/null) \
+    || die "--train_args: ${problem#--train_args: error: }"
 }
 
 require_count() {  # require_count NAME: the option --NAME takes a whole number >= 1
@@ -74,7 +132,15 @@ clipping_of() {  # run-name -> the recipe's --clipping value
   esac
 }
 
-run_dir() { echo "$exp/$1/seed$2"; }
+run_name() {  # run_name METHOD: the method and the settings given on the command line that change its runs
+  local name=$1
+  case "$1" in pcc|pec|global) ! given clip_bound || name+="_b$clip_bound" ;; esac
+  ! given virtual_cores || name+="_k$virtual_cores"
+  [ "$nproc" -eq 1 ] || name+="_p$nproc"
+  echo "$name"
+}
+
+run_dir() { echo "$exp/$(run_name "$1")/seed$2"; }
 
 # torchrun's workers share its rendezvous TCP store by default; after an elastic restart a worker can then read
 # the previous attempt's gloo/NCCL addresses and fail to connect (pytorch/pytorch#135712). A store of their own avoids it.
@@ -149,30 +215,20 @@ stage_tokenizer() {
   $python -m privasr.tokenizer --manifest "$data/train.csv" --out "$data/tokenizer" $(tokenizer_from_hparams)
 }
 
-canaries_digest() {  # canaries_digest CANARIES_CSV: what a run was trained with, kept in its .trained
-  sha256sum "$1" | cut -c 1-16
+error_line() {  # error_line LOG: the one-line error a failed command of privasr wrote (or its log's last line)
+  local line; line=$(grep -E "(^|[[:space:]])[^[:space:]]+: error: " "$1" | tail -n 1)
+  echo "${line:-$(tail -n 1 "$1")}"
 }
 
-same_canaries() {  # same_canaries RUN_DIR CANARIES_CSV: a trained run's canaries are the current ones
-  local recorded; recorded=$(cat "$1/.trained")
-  [ -z "$recorded" ] || [ "$recorded" = "$(canaries_digest "$2")" ] && return 0
-  log "FAILED: $1 was trained with other canaries than $2 (the corpus or --canary_args changed):" \
-      "move it aside or use another --exp"
-  return 1
-}
-
-train_one() {  # train_one METHOD SEED
+train_one() {  # train_one METHOD SEED: train.py resumes an unfinished run, finishes at once a finished one,
+  # and refuses a folder trained with other settings (its fingerprint.json: see privasr.provenance)
   local method=$1 seed=$2 dir; dir=$(run_dir "$1" "$2")
-  if [ -f "$dir/.trained" ]; then
-    same_canaries "$dir" "$data/canaries/canaries.csv" || return 1
-    log "$method seed $seed already trained"; return 0
-  fi
-  log "training $method seed $seed (log: $dir/train.log; progress: tensorboard --logdir $dir/tensorboard)"
   mkdir -p "$dir"
+  [ -f "$dir/.trained" ] || log "training $method seed $seed -> $dir (log: $dir/train.log; progress: tensorboard --logdir $dir/tensorboard)"
   train_command "$method" "$seed" --mode train >> "$dir/train.log" 2>&1 \
-    || { log "FAILED: training $method seed $seed; see $dir/train.log"; return 1; }
-  log "trained $method seed $seed: $(tail -n 1 "$dir/train_log.txt")"
-  canaries_digest "$data/canaries/canaries.csv" > "$dir/.trained"
+    || { log "FAILED: training $method seed $seed: $(error_line "$dir/train.log") (log: $dir/train.log)"; return 1; }
+  if [ -f "$dir/.trained" ]; then log "$method seed $seed already trained with these settings ($dir/fingerprint.json)"
+  else log "trained $method seed $seed: $(tail -n 1 "$dir/train_log.txt")"; touch "$dir/.trained"; fi
 }
 
 method_seed_pairs() {
@@ -184,27 +240,29 @@ stage_train() {
   in_parallel train_one < <(method_seed_pairs) || die "some training runs failed (see the FAILED lines)"
 }
 
-decode_one() {  # decode_one METHOD SEED
+decode_one() {  # decode_one METHOD SEED: train.py decodes unless hyps/provenance.json says this checkpoint already was
   local method=$1 seed=$2 dir; dir=$(run_dir "$1" "$2")
-  if [ -f "$dir/hyps/.done" ]; then log "$method seed $seed already decoded"; return 0; fi
-  [ ! -f "$dir/.trained" ] || same_canaries "$dir" "$data/canaries/canaries.csv" || return 1
+  [ -d "$dir" ] || { log "FAILED: decoding $method seed $seed: no run in $dir (stage 4 trains it)"; return 1; }
   train_command "$method" "$seed" --mode decode >> "$dir/decode.log" 2>&1 \
-    || { log "FAILED: decoding $method seed $seed; see $dir/decode.log"; return 1; }
-  touch "$dir/hyps/.done"
+    || { log "FAILED: decoding $method seed $seed: $(error_line "$dir/decode.log") (log: $dir/decode.log)"; return 1; }
+  if tail -n 1 "$dir/decode.log" | grep -q "already decoded"; then
+    log "$method seed $seed already decoded from this checkpoint ($dir/hyps/provenance.json)"
+  fi
 }
 
 stage_decode() {
   in_parallel decode_one < <(method_seed_pairs) || die "some decoding runs failed (see the FAILED lines)"
 }
 
-stage_score() {
+stage_score() {  # privasr.results refuses transcripts it cannot trace to the run's checkpoint and these canaries
+  local m names=""; for m in $methods; do names+="$(run_name "$m") "; done
   $python -m privasr.results --exp "$exp" --canaries "$data/canaries/canaries.csv" \
-    --holdout "$data/canaries/holdout.csv" --methods "$methods" --seeds "$seeds"
+    --holdout "$data/canaries/holdout.csv" --methods "$names" --seeds "$seeds" \
+    || die "scoring failed (see the line above)"
   log "results: $exp/RESULTS.md"
 }
 
 run_stages() {
-  local m; for m in $methods; do clipping_of "$m" > /dev/null; done  # refuse unknown methods up front
   if in_stage 0 "corpus"; then corpus_prepare; fi
   if in_stage 1 "manifests"; then corpus_manifests; fi
   if in_stage 2 "canaries"; then stage_canaries; fi

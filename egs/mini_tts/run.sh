@@ -12,17 +12,17 @@ hparams=hparams/conformer_ctc.yaml
 extra_options="quick corpus_args canary_args"
 source ../lib/stages.sh
 source corpus.sh
-quick=false
+quick=false       # true: the same job in about a minute (CI): tiny corpus, model and canaries, 1 epoch
 corpus_args=""    # empty: 2,000 / 200 / 200 utterances (quick: 120 / 20 / 20)
 canary_args=""    # empty: 10 canaries per count 1/2/4/8/16, a 1,000 holdout (quick: 2 per count 1/4, holdout 20)
 parse_options "$@"
 require_bool quick
 
-if [ "$quick" = true ]; then
-  data=${data/#data/data_quick}; exp=${exp/#exp/exp_quick}
+if [ "$quick" = true ]; then  # quick's own folders, sizes and overrides, unless given on the command line
+  given data || data=data_quick; given exp || exp=exp_quick
   : "${corpus_args:=$quick_corpus_args}" "${canary_args:=$quick_canary_args}"
   : "${virtual_cores:=4}"
-  train_args="--number_of_epochs=1 --batch_size=8 --train_eval_size=20 --model_size=tiny $train_args"
+  train_args=$(with_defaults "--number_of_epochs=1 --batch_size=8 --train_eval_size=20 --model_size=tiny" "$train_args")
 fi
 # Sized for under 30 minutes on 2 CPU cores (3 methods x 3 epochs x 144 steps); the study
 # (run_study.sh) is where the regimes are compared at length.

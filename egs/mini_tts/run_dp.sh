@@ -24,14 +24,14 @@ corpus_args=""; model_size=""; ssl_hparams=""; baseline=""   # empty: the value 
 parse_options "$@"
 require_bool quick
 if [ "$quick" = true ]; then  # CI: a 60-utterance corpus, the tiny encoder, one epoch each
-  data=${data/#data_dp/data_dp_quick}; exp=${exp/#exp/exp_quick}
+  given data || data=data_dp_quick; given exp || exp=exp_quick/dp
   : "${corpus_args:=--num-train 60 --num-dev 10 --num-test 10}" "${model_size:=tiny}" \
     "${ssl_hparams:=hparams/bestrq_dp_quick.yaml}" "${baseline:=false}"
-  train_args="--number_of_epochs=1 --batch_size=8 --train_eval_size=10 $train_args"  # fine-tuning overrides
+  train_args=$(with_defaults "--number_of_epochs=1 --batch_size=8 --train_eval_size=10" "$train_args")  # fine-tuning overrides
 else
   : "${corpus_args:=--num-train 1000 --num-dev 100 --num-test 100}" "${model_size:=mini}" \
     "${ssl_hparams:=hparams/bestrq_dp.yaml}" "${baseline:=false}"
-  train_args="--number_of_epochs=4 --batch_size=8 --train_eval_size=100 $train_args"
+  train_args=$(with_defaults "--number_of_epochs=4 --batch_size=8 --train_eval_size=100" "$train_args")
 fi
 
 run_dp_stages

@@ -18,14 +18,16 @@ hparams=hparams/conformer_ctc.yaml
 extra_options="study configs corpus_args canary_args quick variant variant_corpus_args"
 source ../lib/stages.sh   # the library's defaults first, then this driver's
 source corpus.sh
-study=conf/study.yaml
+study=conf/study.yaml               # the grid: configurations, seeds, epochs
 data=data_study
 exp=exp_study
 stop_stage=8
+stages_help="0 corpus, 1 manifests, 2 canaries, 3 tokenizer, 4 pre-train, 5 norm quantiles, 6 fine-tune grid, 7 decode, 8 score"
+last_stage=8; seeds_may_be_empty=true
 configs=""        # empty: every configuration of $study
 corpus_args=""    # empty: the variant's (full or quick) corpus size
 canary_args=""    # empty: 10 canaries per count and a 4,000 holdout (quick: 2 per count, counts 1 4, holdout 20)
-quick=false
+quick=false       # true: minutes (tiny corpus and model, conf/study_quick.yaml)
 seeds=""          # empty: the seeds of $study
 variant=""        # a canary variant (--canary_args) of the same corpus and pre-training; results in $exp/$variant
 variant_corpus_args=""  # a variant's own fine-tuning corpus in ${data}_$variant (mini_tts options, same seed:
@@ -34,9 +36,9 @@ invocation="egs/mini_tts/run_study.sh$(printf ' %q' "$@")"
 parse_options "$@"
 require_bool quick
 if [ "$quick" = true ]; then
-  study=conf/study_quick.yaml; data=${data/#data_study/data_study_quick}; exp=${exp/#exp_study/exp_study_quick}
+  given study || study=conf/study_quick.yaml; given data || data=data_study_quick; given exp || exp=exp_study_quick
   : "${corpus_args:=$quick_corpus_args}" "${canary_args:=$quick_canary_args}"
-  train_args="--train_eval_size=20 --model_size=tiny $train_args"
+  train_args=$(with_defaults "--train_eval_size=20 --model_size=tiny" "$train_args")
 fi
 : "${corpus_args:=--num-train 3000 --num-dev 200 --num-test 200}" "${canary_args:=--per-count 10 --holdout 4000}"
 methods=baseline  # the stage library's method list is not used here
@@ -52,12 +54,12 @@ fi
 
 study_py() { $python -m privasr.study "$@"; }
 
-stage_pretrain() {
-  if [ -f "$exp/pretrain/.trained" ]; then log "pre-training already done"; return; fi
+stage_pretrain() {  # train.py finishes at once a finished pre-training, and refuses one made with other settings
   local epochs; epochs=$(study_py get "$study" pretrain_epochs)
   mkdir -p "$exp/pretrain"
   launch_train "$exp/pretrain" --mode train --clipping none --virtual_cores 1 --train_csv "$data/train.csv" \
-    --number_of_epochs "$epochs" >> "$exp/pretrain.log" 2>&1 || die "pre-training failed; see $exp/pretrain.log"
+    --number_of_epochs "$epochs" >> "$exp/pretrain.log" 2>&1 \
+    || die "pre-training failed: $(error_line "$exp/pretrain.log") (log: $exp/pretrain.log)"
   touch "$exp/pretrain/.trained"
 }
 
@@ -87,19 +89,21 @@ planned_runs() {  # "name seed overrides..." of the selected configurations and 
 finetune_one() {  # finetune_one NAME SEED OVERRIDES...
   local name=$1 seed=$2; shift 2
   local dir="$runs/$name/seed$seed"
-  if [ -f "$dir/.trained" ]; then  # (refused if trained with other canaries: a variant re-run with new options)
-    same_canaries "$dir" "$canaries/canaries.csv" || return 1
-    log "$name seed $seed already fine-tuned"; return 0
-  fi
   mkdir -p "$dir"
   # Start from the pre-trained checkpoint: the epoch counter continues from it, so
-  # number_of_epochs = pretrain + finetune epochs. Copied once; later runs resume their own.
+  # number_of_epochs = pretrain + finetune epochs. Copied once (with the pre-training's fingerprint,
+  # which becomes part of this run's), later runs resume their own; train.py refuses a folder
+  # fine-tuned with other settings or canaries (a variant re-run with new options).
   # (this runs under in_parallel, where set -e does not apply: every step checks itself)
-  [ -d "$dir/save" ] || cp -r "$exp/pretrain/save" "$dir/save" \
-    || { log "FAILED: $name seed $seed: cannot copy the pre-trained checkpoint $exp/pretrain/save"; return 1; }
+  if [ ! -d "$dir/save" ]; then
+    rm -rf "$dir/.save.partial"
+    { cp "$exp/pretrain/fingerprint.json" "$dir/init_fingerprint.json" && cp -r "$exp/pretrain/save" "$dir/.save.partial" \
+      && mv "$dir/.save.partial" "$dir/save"; } \
+      || { log "FAILED: $name seed $seed: cannot copy the pre-trained checkpoint $exp/pretrain/save"; return 1; }
+  fi
   launch_train "$dir" --mode train --seed "$seed" "$@" "${canary_overrides[@]}" >> "$dir/train.log" 2>&1 \
-    || { log "FAILED: $name seed $seed (see $dir/train.log)"; return 1; }
-  canaries_digest "$canaries/canaries.csv" > "$dir/.trained"
+    || { log "FAILED: $name seed $seed: $(error_line "$dir/train.log") (log: $dir/train.log)"; return 1; }
+  touch "$dir/.trained"
   log "fine-tuned $name seed $seed"
 }
 
@@ -114,11 +118,10 @@ stage_finetune() {
 decode_config() {  # decode_config NAME SEED OVERRIDES...
   local name=$1 seed=$2; shift 2
   local dir="$runs/$name/seed$seed"
-  [ ! -f "$dir/.trained" ] || same_canaries "$dir" "$canaries/canaries.csv" || return 1
-  [ -f "$dir/hyps/.done" ] && return 0
+  # train.py decodes unless hyps/provenance.json says this checkpoint and these manifests already were
   launch_train "$dir" --mode decode --decode_checkpoint last --seed "$seed" "$@" "${canary_overrides[@]}" \
-    >> "$dir/decode.log" 2>&1 || { log "FAILED: decoding $name seed $seed (see $dir/decode.log)"; return 1; }
-  touch "$dir/hyps/.done"
+    >> "$dir/decode.log" 2>&1 \
+    || { log "FAILED: decoding $name seed $seed: $(error_line "$dir/decode.log") (log: $dir/decode.log)"; return 1; }
 }
 
 stage_decode_grid() {

@@ -70,6 +70,19 @@ class ASRBrain(PrivateBrain):
         counts = [self._canary_insertions.get(canary_id_of(uid) or uid, 0) for uid in batch.id]
         return [max(shard, default=0) for shard in shard_partition(counts, num_shards)]
 
+    def trim_shard(self, feats, feat_lens, tokens, token_lens):
+        """The shard cut to its longest utterance and transcript; relative lengths rescaled to the new widths.
+
+        The encoder zeroes padding before every convolution and masks it in attention and in
+        the per-utterance feature normalization, so the shard's gradient is unchanged (tested)
+        while a core of short utterances no longer pays for the batch's longest one.
+        """
+        frames = relative_to_absolute(feat_lens, feats.shape[1])
+        labels = relative_to_absolute(token_lens, tokens.shape[1])
+        width, label_width = int(frames.max()), max(int(labels.max()), 1)
+        return (feats[:, :width], frames.to(feat_lens.dtype) / width, tokens[:, :label_width],
+                labels.to(token_lens.dtype) / label_width)
+
     def shard_loss(self, feats, feat_lens, tokens, token_lens):
         out, out_lens = self._forward_features(feats, feat_lens, tokens)
         return self.modules.model.loss(out, out_lens, tokens, token_lens, reduction=self.hparams.loss_reduction)
@@ -181,8 +194,9 @@ class ASRBrain(PrivateBrain):
             writer = csv.writer(f)
             writer.writerow(["ID", "hyp", "ref", "score"])
             for batch in tqdm(loader, desc=os.path.basename(out_csv), dynamic_ncols=True):
-                predictions = self.compute_forward(batch, sb.Stage.TEST)
-                losses = self.per_utterance_loss(predictions, batch.to(self.device)).tolist()
+                with self.evaluation_ctx:  # --eval_precision, as in Brain.evaluate
+                    predictions = self.compute_forward(batch, sb.Stage.TEST)
+                    losses = self.per_utterance_loss(predictions, batch.to(self.device)).float().tolist()
                 for uid, hyp, ref, loss in zip(batch.id, self.decode(predictions, batch), batch.wrd, losses):
                     writer.writerow([uid, hyp, ref, loss if math.isfinite(loss) else "inf"])
         os.replace(tmp, out_csv)  # nothing half-written

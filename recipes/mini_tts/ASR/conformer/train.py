@@ -36,6 +36,12 @@ with ``--nnodes MIN:MAX`` an elastic restart may continue on fewer, and then the
 partition, the RNG streams and the number of cores C = processes x ``virtual_cores`` that
 clipping sees all change (the run completes, but is not the uninterrupted run).
 
+Provenance (:mod:`privasr.provenance`): the run's fingerprint (resolved settings, digests of
+the manifests, canaries and tokenizer, processes x virtual cores, code version) is written to
+``<output_folder>/fingerprint.json``; re-running on a folder made with other settings, or
+decoding a folder without a trained checkpoint, is refused in one line. Transcripts carry
+``hyps/provenance.json`` (checkpoint, manifests); an unchanged decode is not redone.
+
 Errors: bad input (unknown or mistyped option, a broken manifest, missing, unreadable or
 wrong-rate audio, an invalid clipping setting) ends with one line ``train.py: error: ...``
 and exit status 2 before anything is written; a run whose gradients stay NaN/Inf beyond
@@ -48,21 +54,29 @@ from types import SimpleNamespace
 import speechbrain as sb
 
 from privasr.asr import ASRBrain, make_dataset
-from privasr.brain import ClippingConfig
+from privasr.brain import ClippingConfig, check_run_options
 from privasr.faults import UserError, load_hparams, parse_arguments, run_cli
+from privasr.provenance import (claim_run_folder, record_run, record_transcripts, trained_checkpoint,
+                                transcripts_current, transcripts_record)
 
 MODES = ("train", "decode", "train_and_decode")
 DECODE_CHECKPOINTS = {"best": {"min_key": "WER"}, "last": {"max_key": "epoch"}}
 DECODE_SETS = ("test", "dev", "canaries", "holdout")
+DECODE_KEYS = ("decode_checkpoint", "beam_size", "train_eval_size")  # what the transcripts also depend on
 
 
 def main(argv):
     hparams_file, run_opts, overrides = parse_arguments(argv)
     hparams = load_hparams(hparams_file, overrides)
+    check_run_options(run_opts, hparams)  # SpeechBrain options privasr cannot honour: one line, exit 2
     check_settings(hparams)
+    # The run's fingerprint; a folder trained with other settings (or unprovable) is refused here.
+    fingerprint = claim_run_folder(hparams, run_opts, needs_checkpoint=hparams["mode"] == "decode")
     data = load_datasets(hparams)  # every manifest and audio file checked before anything is written
     sb.utils.distributed.ddp_init_group(run_opts)
     sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides)
+    if sb.utils.distributed.if_main_process():
+        record_run(hparams["output_folder"], fingerprint)
     brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                      run_opts=run_opts, checkpointer=hparams["checkpointer"])
 
@@ -72,20 +86,28 @@ def main(argv):
                   train_loader_kwargs=hparams["train_dataloader_opts"],
                   valid_loader_kwargs=hparams["valid_dataloader_opts"])
 
-    # 2. Test WER with the chosen checkpoint, then transcripts + losses for exposure.
+    # 2. Test WER with the chosen checkpoint, then transcripts + losses for exposure,
+    #    bound to that checkpoint and to the manifests they came from (hyps/provenance.json).
     if hparams["mode"] == "train":
+        return
+    checkpoint = trained_checkpoint(hparams["save_folder"], hparams["decode_checkpoint"])
+    decoded = {name: hparams[f"{name}_csv"] for name in (*DECODE_SETS, "train_eval")}
+    record = transcripts_record(fingerprint, checkpoint, decoded, {key: hparams[key] for key in DECODE_KEYS})
+    if transcripts_current(hparams["hyps_folder"], record):
+        print(f"{hparams['hyps_folder']}: already decoded from {record['checkpoint']['name']}")
         return
     brain.evaluate(data["test"], test_loader_kwargs=hparams["valid_dataloader_opts"],
                    **DECODE_CHECKPOINTS[hparams["decode_checkpoint"]])
     if sb.utils.distributed.if_main_process():
-        for name in (*DECODE_SETS, "train_eval"):
+        for name in decoded:
             brain.transcribe(data[name], f"{hparams['hyps_folder']}/{name}.csv", hparams["valid_dataloader_opts"])
+        record_transcripts(hparams["hyps_folder"], record)
 
 
 def check_settings(hparams: dict) -> None:
     """Refuse an unknown mode or decode checkpoint, an invalid clipping configuration, fewer examples per
     batch than cores, no epoch to train, and a model whose output size is not the tokenizer's."""
-    from privasr.asr.checks import check_cores, check_epochs, check_vocabulary
+    from privasr.asr.checks import check_cores, check_decoding, check_epochs, check_vocabulary
 
     if hparams["mode"] not in MODES:
         raise UserError(f"unknown mode {hparams['mode']!r}; accepted: {', '.join(MODES)}")
@@ -99,6 +121,7 @@ def check_settings(hparams: dict) -> None:
         raise UserError(str(err)) from None
     check_cores(hparams)
     check_epochs(hparams)
+    check_decoding(hparams)
     check_vocabulary(hparams)
 
 

@@ -17,6 +17,7 @@ import sys
 
 import speechbrain as sb
 
+from privasr.brain import check_run_options
 from privasr.faults import UserError, load_hparams, parse_arguments, run_cli
 from privasr.ssl import DPBestRQBrain, audio_dataset, read_audio_manifest, split_public_private
 
@@ -24,6 +25,7 @@ from privasr.ssl import DPBestRQBrain, audio_dataset, read_audio_manifest, split
 def main(argv):
     hparams_file, run_opts, overrides = parse_arguments(argv)  # unknown or mistyped options: one line, exit 2
     hparams = load_hparams(hparams_file, overrides)
+    check_run_options(run_opts, hparams)  # SpeechBrain options privasr cannot honour: one line, exit 2
     rate = hparams["sample_rate"]
     try:  # manifests and the DP configuration are checked before anything is written
         rows = read_audio_manifest(hparams["train_csv"], hparams["max_duration"])
