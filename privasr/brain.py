@@ -69,6 +69,7 @@ from privasr.distributed import CoreAccumulator, broadcast_parameters, gather_no
 from privasr.faults import NonFiniteGradientsError, UserError
 from privasr.per_sample import shard_grads_loop, shard_grads_vmap, trainable_parameters
 from privasr.resume import PerRankState, RandomState, make_atomic, register_per_rank, seed_for_epoch
+from privasr.sampling import DurationBucketSampler
 
 logger = logging.getLogger(__name__)
 
@@ -341,10 +342,35 @@ class PrivateBrain(sb.Brain):
         own_generator = stage == sb.Stage.TRAIN and loader_kwargs.get("generator") is None
         if own_generator:
             loader_kwargs = {**loader_kwargs, "generator": torch.Generator()}
+        sampler = self._bucket_sampler(dataset, loader_kwargs) if stage == sb.Stage.TRAIN else None
+        if sampler is not None:
+            loader_kwargs = {**loader_kwargs, "sampler": sampler, "shuffle": False}
         loader = super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+        if sampler is not None and self.train_sampler is None:  # one process: SpeechBrain set no train_sampler
+            self.train_sampler = sampler  # so that fit() calls its set_epoch
         if own_generator:
             loader.privasr_epoch_generator = loader_kwargs["generator"]
         return loader
+
+    def _bucket_sampler(self, dataset, loader_kwargs) -> Optional[DurationBucketSampler]:
+        """``bucket_batches > 0`` with shuffled batches: a :class:`privasr.sampling.DurationBucketSampler`."""
+        windows = int(getattr(self.hparams, "bucket_batches", 0) or 0)
+        if windows <= 0 or not loader_kwargs.get("shuffle", False):
+            return None
+        if loader_kwargs.get("sampler") is not None or loader_kwargs.get("batch_sampler") is not None:
+            raise ValueError("bucket_batches > 0 makes its own sampler: remove the loader's sampler/batch_sampler")
+        durations = [float(dataset.data[uid]["duration"]) for uid in dataset.data_ids]
+        return DurationBucketSampler(durations, int(loader_kwargs["batch_size"]), windows, self._seed(),
+                                     world_info()[1])
+
+    def trim_shard(self, *tensors) -> tuple:
+        """Optional: a core's tensors without the padding it does not need (``trim_shards: true``, loop mode).
+
+        The default keeps them as they are. A recipe whose model ignores padding returns the
+        shard cut to its own longest example (see :meth:`privasr.asr.ASRBrain.trim_shard`): the
+        core's gradient is unchanged and its forward/backward costs only its own frames.
+        """
+        return tensors
 
     def shard_labels(self, batch, num_shards: int) -> Optional[list]:
         """Optional: an integer label per core of ``batch`` for the core log (e.g. its canary count).
@@ -410,7 +436,8 @@ class PrivateBrain(sb.Brain):
             self._accumulator.add_cores(grads)
             return losses.mean()
         losses = []
-        for grads, loss in shard_grads_loop(self.modules, self.shard_loss, tensors, num_shards):
+        trim = self.trim_shard if getattr(self.hparams, "trim_shards", False) else None
+        for grads, loss in shard_grads_loop(self.modules, self.shard_loss, tensors, num_shards, trim):
             self._accumulator.add_core(grads)
             losses.append(loss)
         return torch.stack(losses).mean()

@@ -66,11 +66,19 @@ def split_into_shards(tensors: Sequence[torch.Tensor], num_shards: int) -> list[
 
 
 def shard_grads_loop(
-    model: torch.nn.Module, loss_fn: ShardLoss, tensors: Sequence[torch.Tensor], num_shards: int
+    model: torch.nn.Module, loss_fn: ShardLoss, tensors: Sequence[torch.Tensor], num_shards: int,
+    trim: Optional[Callable[..., tuple]] = None,
 ) -> Iterator[tuple[list[Optional[torch.Tensor]], torch.Tensor]]:
-    """Yield ``(grads, loss)`` per shard, one backward each; ``grads[p]`` is None if unused."""
+    """Yield ``(grads, loss)`` per shard, one backward each; ``grads[p]`` is None if unused.
+
+    ``trim(*shard) -> shard`` may drop the padding a shard does not need (its examples'
+    longest length instead of the batch's): with a model whose padding is inert the
+    gradients are unchanged and the shard costs only its own frames.
+    """
     params = [p for _, p in trainable_parameters(model)]
     for shard in split_into_shards(tensors, num_shards):
+        if trim is not None:
+            shard = trim(*shard)
         loss = loss_fn(*shard)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         yield list(grads), loss.detach()
