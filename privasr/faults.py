@@ -217,16 +217,17 @@ def load_hparams(hparams_file: str, overrides: Optional[str]) -> dict:
 
     The shared settings are checked on the resolved values before anything is built (a
     YAML object may create folders): output folders a file or not writable, batch sizes
-    below 1 (:mod:`privasr.asr.checks`).
+    below 1, learning rates, durations, workers and intervals out of range (:mod:`privasr.asr.checks`).
     """
     from hyperpyyaml import load_hyperpyyaml
 
-    from privasr.asr.checks import check_batch_sizes, check_output_paths
+    from privasr.asr.checks import check_batch_sizes, check_numbers, check_output_paths
 
     check_overrides(hparams_file, overrides)
     values = resolved_values(hparams_file, overrides)
     check_output_paths(values)
     check_batch_sizes(values)
+    check_numbers(values)
     try:
         with open(hparams_file, encoding="utf-8") as handle:
             return load_hyperpyyaml(handle, overrides)

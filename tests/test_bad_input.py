@@ -210,9 +210,16 @@ def _unwritable_parent(tmp_path):
     (["--number_of_epochs", "0"], ["--number_of_epochs must be a positive integer to train, got 0"]),
     (["--vocab_size", "50"], ["--vocab_size 50 but the tokenizer in", "was trained with vocab_size 40"]),
     (["--tokenizer_type", "unigram"], ["--tokenizer_type unigram but", "was trained with model_type char"]),
+    (["--lr", "-1"], ["--lr must be a positive number, got -1"]),
+    (["--loss_reduction", "avg"], ["unknown loss_reduction 'avg'; accepted: mean, sum"]),
+    (["--beam_size", "0"], ["--beam_size must be a positive integer, got 0"]),
+    (["--train_eval_size", "0"], ["--train_eval_size must be a positive integer, got 0"]),
+    (["--max_duration", "0"], ["--max_duration must be a positive number of seconds (null: no limit)"]),
+    (["--num_workers", "-1"], ["--num_workers must be >= 0, got -1"]),
 ], ids=["empty-after-max-duration", "batch-size-0", "valid-batch-size-0", "fewer-examples-than-cores",
         "fewer-utterances-than-a-batch", "zero-epochs", "vocab-size-of-another-tokenizer",
-        "tokenizer-type-of-another-tokenizer"])
+        "tokenizer-type-of-another-tokenizer", "negative-lr", "unknown-loss-reduction", "beam-size-0",
+        "train-eval-size-0", "max-duration-0", "negative-workers"])
 def test_impossible_settings_are_refused(overrides, fragments, data, tmp_path, recipe_main, capsys):
     out = tmp_path / "run"
     status, lines = run_recipe(recipe_main, capsys, data, out, *overrides)

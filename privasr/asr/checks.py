@@ -4,11 +4,12 @@ Each check raises :class:`privasr.faults.UserError` (one line, exit status 2 thr
 :func:`privasr.faults.run_cli`) or logs a warning where training can go on. They read only
 the resolved hyper-parameters and the datasets, so a recipe calls them from its
 ``check_settings`` / ``load_datasets`` (and :func:`privasr.faults.load_hparams` runs the
-ones that need no built object, :func:`check_output_paths` and :func:`check_batch_sizes`,
-for every recipe, before the YAML's objects are built).
+ones that need no built object, :func:`check_output_paths`, :func:`check_batch_sizes` and
+:func:`check_numbers`, for every recipe, before the YAML's objects are built).
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -16,8 +17,8 @@ from typing import Mapping
 
 from privasr.faults import UserError
 
-__all__ = ["OUTPUT_FOLDERS", "OUTPUT_FILES", "check_output_paths", "check_batch_sizes", "check_cores",
-           "check_epochs", "check_vocabulary", "check_enough_for_a_batch"]
+__all__ = ["OUTPUT_FOLDERS", "OUTPUT_FILES", "check_output_paths", "check_batch_sizes", "check_numbers",
+           "check_cores", "check_epochs", "check_decoding", "check_vocabulary", "check_enough_for_a_batch"]
 
 #: hyper-parameters naming folders a run writes (inputs such as ``data_folder`` / ``tokenizer_dir`` are not here)
 OUTPUT_FOLDERS = ("output_folder", "save_folder", "hyps_folder", "tensorboard_dir", "core_log_dir",
@@ -80,6 +81,26 @@ def check_batch_sizes(hparams: Mapping) -> None:
                 raise UserError(f"{key}: batch_size must be a positive integer, got {value['batch_size']!r}")
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_numbers(hparams: Mapping) -> None:
+    """Settings that only make sense in a range: learning rates > 0, ``max_duration`` > 0 (or null),
+    loader workers and checkpoint intervals >= 0 (each would otherwise fail mid-run or be ignored)."""
+    for key, value in hparams.items():
+        key = str(key)
+        if (key == "lr" or key.endswith("_lr")) and not (_number(value) and value > 0):
+            raise UserError(f"--{key} must be a positive number, got {value!r}")
+    duration = hparams.get("max_duration")
+    if duration is not None and not (_number(duration) and duration > 0):
+        raise UserError(f"--max_duration must be a positive number of seconds (null: no limit), got {duration!r}")
+    for key in ("num_workers", "ckpt_interval_steps", "ckpt_interval_minutes"):
+        value = hparams.get(key)
+        if value is not None and not (_number(value) and value >= 0):
+            raise UserError(f"--{key} must be >= 0, got {value!r}")
+
+
 def check_cores(hparams: Mapping) -> None:
     """At least one example per core: ``batch_size >= virtual_cores`` unless ``pec`` (one example per core).
 
@@ -104,6 +125,18 @@ def check_epochs(hparams: Mapping) -> None:
     if hparams.get("mode", "train") != "decode" and not _positive_int(epochs):
         raise UserError(f"--number_of_epochs must be a positive integer to train, got {epochs!r} "
                         "(--mode decode decodes a trained run)")
+
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def check_decoding(hparams: Mapping) -> None:
+    """An ASR recipe's loss and decoding settings: ``loss_reduction``, ``beam_size >= 1``, ``train_eval_size >= 1``."""
+    if hparams.get("loss_reduction", "mean") not in LOSS_REDUCTIONS:
+        raise UserError(f"unknown loss_reduction {hparams['loss_reduction']!r}; accepted: {', '.join(LOSS_REDUCTIONS)}")
+    for key in ("beam_size", "train_eval_size"):
+        if key in hparams and not _positive_int(hparams[key]):
+            raise UserError(f"--{key} must be a positive integer, got {hparams[key]!r}")
 
 
 def check_enough_for_a_batch(dataset, manifest: str, batch_size: int, drop_last: bool = True) -> None:
