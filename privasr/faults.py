@@ -259,12 +259,21 @@ def _report(prog: str, err: BaseException) -> None:
 
 
 def run_cli(main: Callable[[list], Any], argv: Sequence[str], prog: Optional[str] = None) -> int:
-    """Run ``main(argv)``; a :class:`UserError` -> status 2, a diverged run -> 1, one line on stderr each."""
+    """Run ``main(argv)``; a :class:`UserError` -> status 2, a diverged run -> 1, one line on stderr each.
+
+    A multi-process run (torchrun) ends here in order on every path, errors included:
+    :func:`privasr.distributed.ordered_shutdown` meets the other ranks at a barrier when ``main``
+    returned (rank 0 may still be decoding), skips it when ``main`` raised, and destroys the
+    process group before the interpreter exits.
+    """
+    from privasr.distributed import ordered_shutdown  # lazily: `python -m privasr.faults` needs no torch
+
     prog = prog or os.path.basename(sys.argv[0]) or "train.py"
     if not logging.getLogger().handlers:  # until the recipe sets up logging, warnings go to stdout, not stderr
         logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(name)s - %(message)s")
     try:
-        main(list(argv))
+        with ordered_shutdown():
+            main(list(argv))
     except UserError as err:
         if os.environ.get("PRIVASR_DEBUG"):
             raise

@@ -4,12 +4,18 @@ import sys
 import speechbrain as sb
 import torch
 
+from privasr.distributed import ordered_shutdown
 from tests.test_brain import CASES, LR, batches_of, hparams
 from tests.toy import fit_toy_brain, make_toy_brain
 
 
 def main(out_path):
     sb.utils.distributed.ddp_init_group({"distributed_backend": "gloo"})
+    with ordered_shutdown():  # rank 0 still saving while rank 1 is done: the barrier orders the teardown
+        train_and_gather(out_path)
+
+
+def train_and_gather(out_path):
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     results = {}
     for method, bound in CASES:
@@ -20,7 +26,6 @@ def main(out_path):
     torch.distributed.all_gather_object(gathered, results)
     if rank == 0:
         torch.save({k: v for part in gathered for k, v in part.items()}, out_path)
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

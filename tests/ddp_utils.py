@@ -5,6 +5,8 @@ import socket
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from privasr.distributed import ordered_shutdown
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -15,10 +17,8 @@ def free_port() -> int:
 def _entry(rank, world_size, port, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with ordered_shutdown():  # barrier, then destroy; no barrier when fn raised
         fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
 
 
 def run_processes(fn, world_size, *args):

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from privasr.distributed import ordered_shutdown
 from privasr.dp.noise import (
     add_noise,
     make_generator,
@@ -78,12 +79,10 @@ def test_bad_arguments(kwargs, match):
 
 def _ddp_worker(rank, world_size, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with ordered_shutdown():
         # every rank seeds its generator identically: only rank 0's may be used
         out = privatize(zero_sums(), SIGMA, C, Q * N, generator=make_generator(1234))
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_add_the_noise_exactly_once(tmp_path):

@@ -20,7 +20,7 @@ import speechbrain as sb
 import torch
 
 from privasr.brain import PrivateBrain
-from privasr.distributed import world_info
+from privasr.distributed import ordered_shutdown, world_info
 from privasr.resume import AtomicCheckpointer
 
 
@@ -83,6 +83,13 @@ def main(argv):
     if distributed:
         run_opts["distributed_backend"] = "gloo"
         sb.utils.distributed.ddp_init_group(run_opts)
+    # every rank reaches the teardown before any closes its gloo pairs, and the group is destroyed
+    # before the interpreter exits, errors included (privasr.distributed.shutdown_process_group)
+    with ordered_shutdown():
+        train(args, run_opts, distributed)
+
+
+def train(args, run_opts: dict, distributed: bool) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.2), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     epochs = sb.utils.epoch_loop.EpochCounter(args.epochs)
     brain = NoisyToyBrain(modules={"model": model}, opt_class=lambda p: torch.optim.Adam(p, lr=0.01),
@@ -99,11 +106,6 @@ def main(argv):
         torch.distributed.all_gather_object(ranks, mine)
     if sb.utils.distributed.if_main_process():
         torch.save({**mine, "ranks": ranks}, os.path.join(args.out, "final.pt"))
-    if distributed:
-        # every rank reaches the teardown before any closes its gloo pairs: a peer closing early can
-        # abort the other's gloo threads ("terminate called without an active exception")
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
