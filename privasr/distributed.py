@@ -21,9 +21,9 @@ is over the cores kept. The result equals :func:`privasr.clipping.clip_and_aggre
 on the same cores (tested to 1e-5 in fp32).
 
 :func:`shutdown_process_group` (and :func:`ordered_shutdown` around a whole run) ends a
-multi-process run in order: every rank meets at a barrier on the rendezvous store, then
-destroys its group while the interpreter is still fully alive, on every path, errors
-included.
+multi-process run in order: every rank meets at a barrier on the rendezvous store, then the
+ranks destroy their groups in turn (highest first), while the interpreter is still fully
+alive; a rank that failed destroys its group at once, without waiting.
 """
 from __future__ import annotations
 
@@ -194,31 +194,16 @@ def gather_norms(local_norms: torch.Tensor, group=None) -> torch.Tensor:
 _SHUTDOWN_KEY = "privasr/shutdown"
 
 
-def _store_barrier(store, rank: int, world_size: int, timeout: timedelta) -> None:
-    """Two-phase barrier on the rendezvous store; raises on timeout or when the store is gone.
+def _arrive(store, world_size: int, timeout: timedelta) -> None:
+    """Barrier on the rendezvous store: the last rank to add itself sets ``arrived``, all wait for it.
 
-    Phase 1 (arrive): each rank adds 1 to a counter; the last one sets ``arrived`` and every
-    rank waits for that key. Phase 2 (leave): every rank but 0 adds 1 to a second counter and
-    is done with the store; rank 0 waits until all have left, because the store's server may
-    live in rank 0's process (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, ``mp.spawn``): had it
-    exited first, a peer still waiting for its answer would fail.
-
-    The store, not a collective, so that (a) the timeout is real: a gloo barrier that times out
-    stays in flight in the backend's worker thread and ``destroy_process_group`` then joins
-    that thread for the group's whole timeout; (b) it never mixes with a collective a stuck
-    peer has in flight.
+    The store, not a collective, so that (a) the timeout is real: a gloo barrier that times out stays
+    in flight in the backend's worker thread, and ``destroy_process_group`` then joins that thread
+    for the group's whole timeout; (b) it never mixes with a collective a stuck peer has in flight.
     """
-    try:
-        if store.add(f"{_SHUTDOWN_KEY}/arrive", 1) == world_size:
-            store.set(f"{_SHUTDOWN_KEY}/arrived", "1")
-        store.wait([f"{_SHUTDOWN_KEY}/arrived"], timeout)
-    finally:  # leave even after a timeout: a late rank 0 must not then wait for this rank a second time
-        if rank != 0:
-            with contextlib.suppress(Exception):  # the store is gone: nobody is left to wait for us
-                if store.add(f"{_SHUTDOWN_KEY}/leave", 1) == world_size - 1:
-                    store.set(f"{_SHUTDOWN_KEY}/left", "1")
-    if rank == 0:
-        store.wait([f"{_SHUTDOWN_KEY}/left"], timeout)
+    if store.add(f"{_SHUTDOWN_KEY}/arrive", 1) == world_size:
+        store.set(f"{_SHUTDOWN_KEY}/arrived", "1")
+    store.wait([f"{_SHUTDOWN_KEY}/arrived"], timeout)
 
 
 def shutdown_process_group(failed: bool = False, timeout: Optional[timedelta] = None) -> bool:
@@ -227,34 +212,47 @@ def shutdown_process_group(failed: bool = False, timeout: Optional[timedelta] = 
     Without a group (one process, or already shut down) it does nothing and returns False.
     Otherwise:
 
-    * ``failed=False`` (this rank finished its work): barrier first, so that no rank closes its
-      connections while a peer still has a collective in flight or is still working (rank 0
-      decoding alone) and will reach a collective; waits at most ``timeout``
-      (:data:`SHUTDOWN_TIMEOUT`), then a warning, and the group is destroyed anyway.
-    * ``failed=True`` (an exception is ending this rank): no barrier, since the peers may never
-      reach it; the group is destroyed at once, so a peer blocked in a collective with this rank
-      fails fast ("connection closed") instead of hanging until the group's timeout, and the
-      launcher (torchrun, ``mp.spawn``) ends the others.
+    * ``failed=False`` (this rank finished its work): every rank first meets at a barrier, so that
+      no rank closes its connections while a peer still has a collective in flight or is still
+      working alone (rank 0 decoding); then the ranks destroy their groups one after the other,
+      highest rank first, each once the next higher rank has finished destroying its own, so no
+      rank is tearing its group down while a peer closes connections to it, and rank 0 (where the
+      store's server may live: ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, ``mp.spawn``) goes last.
+      Each wait lasts at most ``timeout`` (:data:`SHUTDOWN_TIMEOUT`); then a warning, and the group
+      is destroyed anyway.
+    * ``failed=True`` (an exception is ending this rank): no waiting, since the peers may never get
+      there; the group is destroyed at once, so a peer blocked in a collective with this rank fails
+      fast ("connection closed") instead of hanging for the group's timeout, and the launcher
+      (torchrun, ``mp.spawn``) ends the others.
 
-    Then ``destroy_process_group()`` now, while the interpreter is alive: a group left to the
-    interpreter's exit is torn down at finalization, when the backend's threads can no longer
-    be joined cleanly (the ``terminate called without an active exception`` / SIGABRT at exit).
-    Never raises (it runs on error paths, where it must not hide the original error); returns
-    True when it destroyed a group.
+    Either way ``destroy_process_group()`` runs now, while the interpreter is alive: a group left
+    to the interpreter's exit is torn down during finalization, where the backend's threads cannot
+    be joined cleanly (``terminate called without an active exception``, SIGABRT). Never raises
+    (it runs on error paths, where it must not hide the original error); returns True when it
+    destroyed a group.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return False
     rank, world_size = world_info()
+    store = None
     if not failed and world_size > 1:
+        timeout = timeout or SHUTDOWN_TIMEOUT
         try:
-            _store_barrier(dist.distributed_c10d._get_default_store(), rank, world_size, timeout or SHUTDOWN_TIMEOUT)
+            store = dist.distributed_c10d._get_default_store()  # kept: it outlives the group for the last step
+            _arrive(store, world_size, timeout)
+            if rank < world_size - 1:
+                store.wait([f"{_SHUTDOWN_KEY}/destroyed/{rank + 1}"], timeout)
         except Exception as err:  # a peer died or is stuck: close anyway, the launcher reports it
+            text = str(err).strip()
             logger.warning("rank %d: the other processes did not reach the end of the run (%s); closing anyway",
-                           rank, str(err).splitlines()[0] if str(err) else type(err).__name__)
+                           rank, text.splitlines()[0] if text else type(err).__name__)
     try:
         dist.destroy_process_group()
     except Exception as err:  # pragma: no cover - nothing left to do about it but say so
         logger.warning("rank %d: destroy_process_group failed: %s", rank, err)
+    if store is not None and rank > 0:
+        with contextlib.suppress(Exception):  # the store is gone: nobody is left waiting for this rank
+            store.set(f"{_SHUTDOWN_KEY}/destroyed/{rank}", "1")
     return True
 
 
