@@ -192,18 +192,19 @@ def gather_norms(local_norms: torch.Tensor, group=None) -> torch.Tensor:
 
 # -- shutdown ------------------------------------------------------------------------------------
 _SHUTDOWN_KEY = "privasr/shutdown"
+_shutdowns = 0  # groups this process has shut down: a group made again on the same store gets fresh keys
 
 
-def _arrive(store, world_size: int, timeout: timedelta) -> None:
+def _arrive(store, key: str, world_size: int, timeout: timedelta) -> None:
     """Barrier on the rendezvous store: the last rank to add itself sets ``arrived``, all wait for it.
 
     The store, not a collective, so that (a) the timeout is real: a gloo barrier that times out stays
     in flight in the backend's worker thread, and ``destroy_process_group`` then joins that thread
     for the group's whole timeout; (b) it never mixes with a collective a stuck peer has in flight.
     """
-    if store.add(f"{_SHUTDOWN_KEY}/arrive", 1) == world_size:
-        store.set(f"{_SHUTDOWN_KEY}/arrived", "1")
-    store.wait([f"{_SHUTDOWN_KEY}/arrived"], timeout)
+    if store.add(f"{key}/arrive", 1) == world_size:
+        store.set(f"{key}/arrived", "1")
+    store.wait([f"{key}/arrived"], timeout)
 
 
 def shutdown_process_group(failed: bool = False, timeout: Optional[timedelta] = None) -> bool:
@@ -233,15 +234,17 @@ def shutdown_process_group(failed: bool = False, timeout: Optional[timedelta] = 
     """
     if not (dist.is_available() and dist.is_initialized()):
         return False
+    global _shutdowns
     rank, world_size = world_info()
-    store = None
+    store, key = None, f"{_SHUTDOWN_KEY}/{_shutdowns}"
+    _shutdowns += 1
     if not failed and world_size > 1:
         timeout = timeout or SHUTDOWN_TIMEOUT
         try:
             store = dist.distributed_c10d._get_default_store()  # kept: it outlives the group for the last step
-            _arrive(store, world_size, timeout)
+            _arrive(store, key, world_size, timeout)
             if rank < world_size - 1:
-                store.wait([f"{_SHUTDOWN_KEY}/destroyed/{rank + 1}"], timeout)
+                store.wait([f"{key}/destroyed/{rank + 1}"], timeout)
         except Exception as err:  # a peer died or is stuck: close anyway, the launcher reports it
             text = str(err).strip()
             logger.warning("rank %d: the other processes did not reach the end of the run (%s); closing anyway",
@@ -252,7 +255,7 @@ def shutdown_process_group(failed: bool = False, timeout: Optional[timedelta] = 
         logger.warning("rank %d: destroy_process_group failed: %s", rank, err)
     if store is not None and rank > 0:
         with contextlib.suppress(Exception):  # the store is gone: nobody is left waiting for this rank
-            store.set(f"{_SHUTDOWN_KEY}/destroyed/{rank}", "1")
+            store.set(f"{key}/destroyed/{rank}", "1")
     return True
 
 
