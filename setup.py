@@ -30,6 +30,7 @@ setup(
         "console_scripts": [
             "privasr-bench=tools.bench_clipping:main",
             "privasr-bench-dp=tools.bench_dp:main",
+            "privasr-bench-recipe=tools.bench_recipe:main",
             "privasr-canaries=tools.make_canaries:main",
             "privasr-exposure=tools.score_exposure:main",
             "privasr-accountant=tools.accountant:main",

@@ -244,6 +244,10 @@ def _check_numbers(get) -> None:
         raise UnsupportedRunOption(f"--grad_accumulation_factor must be >= 1, got {get('grad_accumulation_factor')}")
     if get("nonfinite_patience") < 0:
         raise UnsupportedRunOption(f"--nonfinite_patience must be >= 0, got {get('nonfinite_patience')}")
+    for name in ("ckpt_interval_minutes", "ckpt_interval_steps"):
+        value = get(name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise UnsupportedRunOption(f"--{name} must be >= 0 (0: off), got {value!r}")
     limit = get("optimizer_step_limit")
     if limit is not None and _step_limit(limit) is None:
         raise UnsupportedRunOption(f"--optimizer_step_limit must be an integer >= 1 (omit it to train every epoch), "

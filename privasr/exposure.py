@@ -44,12 +44,9 @@ Input CSV files may start with a UTF-8 byte-order mark (as spreadsheet programs 
 """
 from __future__ import annotations
 
-import codecs
-import contextlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -387,14 +384,11 @@ def score_exposure(
     if direction == "higher" and metric != "score":
         raise ValueError(f"direction 'higher' only applies to metric 'score': a lower {metric.upper()} is always "
                          f"a better fit")
-    with _without_bom(canaries_csv) as path:
-        canaries, insertions = read_canaries(path)
-    with _without_bom(holdout_csv) as path:
-        holdout = read_manifest(path, check_audio=False)
+    canaries, insertions = read_canaries(canaries_csv)  # read_table accepts a UTF-8 BOM (spreadsheets write one)
+    holdout = read_manifest(holdout_csv, check_audio=False)
     if not holdout:
         raise ValueError(f"{holdout_csv}: empty holdout set")
-    with _without_bom(hyps_csv) as path:
-        hyps = read_hyps(path, metric)
+    hyps = read_hyps(hyps_csv, metric)
     _check_ids(hyps_csv, hyps, canaries, holdout)
     canary_scores = _scores(canaries, hyps, metric, hyps_csv)
     holdout_scores = _scores(holdout, hyps, metric, hyps_csv)
@@ -463,33 +457,6 @@ def describe_settings(report: Mapping) -> str:
     if report["method"] == "interpolation":
         return text + f": range [{math.log2(size / (size + 1)):.4f}, {math.log2(size):.2f}] bits"
     return text + f": >= 0 bits, capped at {EXTRAPOLATION_CAP_BITS:.0f}"
-
-
-@contextlib.contextmanager
-def _without_bom(path: str | os.PathLike):
-    """``path``, or, when it starts with a UTF-8 byte-order mark, a temporary copy without it.
-
-    Spreadsheet programs write CSV files with a BOM, which would otherwise become part of the
-    first column's name (``\\ufeffID``). Errors about the copy are re-worded to name ``path``.
-    (The natural home of this is :func:`privasr.data.manifest.read_table` opening files as
-    ``utf-8-sig``; then this becomes a no-op.)
-    """
-    path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            bom = handle.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
-    except OSError:  # missing or unreadable: let the reader report it
-        bom = False
-    if not bom:
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="privasr-bom-") as tmp:
-        copy = Path(tmp) / path.name
-        copy.write_bytes(path.read_bytes()[len(codecs.BOM_UTF8):])
-        try:
-            yield copy
-        except ValueError as err:
-            raise ValueError(str(err).replace(str(copy), str(path))) from None
 
 
 def _labels(paths: Sequence[str | os.PathLike]) -> list[str]:

@@ -289,3 +289,22 @@ def run_cli(main: Callable[[list], Any], argv: Sequence[str], prog: Optional[str
               file=sys.stderr, flush=True)
         return 130
     return 0
+
+
+# -- checking overrides from the shell (egs/lib/stages.sh refuses bad --train_args before stage 0) --
+def _check_overrides_main(argv: Sequence[str]) -> int:
+    """``python -m privasr.faults check-overrides HPARAMS.yaml --key value ...``: one line and status 2 if bad."""
+    if len(argv) < 2 or argv[0] != "check-overrides":
+        print("usage: python -m privasr.faults check-overrides HPARAMS.yaml [--key value ...]", file=sys.stderr)
+        return 2
+    try:
+        hparams_file, _, overrides = parse_arguments(list(argv[1:]))
+        check_overrides(hparams_file, overrides)
+    except UserError as err:
+        print(f"--train_args: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_check_overrides_main(sys.argv[1:]))

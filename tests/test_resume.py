@@ -74,7 +74,7 @@ def test_toy_run_killed_four_times_ends_bit_identical(tmp_path):
     for step, point in ((3, "step"), (5, "step"), (6, "save"), (7, "saved")):  # 4 steps an epoch, 2 epochs
         proc = run_python(LAUNCHER, *kill_argv(step, point), "--", TOY_TRAIN, resumed)
         assert proc.returncode == KILLED, proc.stderr[-3000:]
-        assert f"SIGKILL rank 0" in proc.stderr
+        assert "SIGKILL rank 0" in proc.stderr
         starts.append(proc.stdout.split("starts at optimizer step ")[1].split()[0])
     proc = run_python(TOY_TRAIN, resumed)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,11 +6,9 @@ against :func:`privasr.clipping.clip_and_aggregate` of the per-core gradients), 
 runs on CPU, and what cannot be composed with per-core clipping (``fp16``, DataParallel,
 compile/jit, ...) is refused before anything is built or written.
 """
-import math
 import runpy
 
 import pytest
-import speechbrain as sb
 import torch
 
 from privasr.brain import UnsupportedRunOption, check_run_options, run_option

@@ -22,7 +22,6 @@ def mse_loss_fn(model):
 
 def make_toy_brain(hparams: dict, lr: float = 0.1, run_opts=None):
     """A PrivateBrain around toy_model() with plain SGD, for exactness tests of the training step."""
-    import speechbrain as sb
 
     from privasr.brain import PrivateBrain
 

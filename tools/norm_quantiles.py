@@ -67,17 +67,11 @@ def resolved_hparams(hparams_file: str, overrides: list[str]) -> tuple[str, dict
     ``plain`` holds the YAML's plain values with every ``!ref`` resolved (objects are not built),
     enough to find the run's checkpoints before the model and data are loaded.
     """
-    from hyperpyyaml import resolve_references
-
-    from privasr.faults import _plain_yaml, check_overrides, parse_arguments
+    from privasr.faults import check_overrides, parse_arguments, resolved_values
 
     hparams_file, run_opts, yaml_overrides = parse_arguments([hparams_file] + list(overrides))
     check_overrides(hparams_file, yaml_overrides)
-    try:
-        with open(hparams_file, encoding="utf-8") as handle:
-            plain = _plain_yaml(resolve_references(handle, yaml_overrides).getvalue())
-    except Exception as err:  # a reference to an undefined key, a YAML error: the configuration is wrong
-        raise UserError(f"{hparams_file}: {' '.join(str(err).split())}") from None
+    plain = resolved_values(hparams_file, yaml_overrides)
     return hparams_file, run_opts, yaml_overrides, plain
 
 

@@ -69,7 +69,7 @@ def read_table(path: str | os.PathLike, required: Sequence[str]) -> list[tuple[i
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # utf-8-sig: a spreadsheet's BOM is not part of "ID"
             return _read_rows(path, csv.DictReader(handle), required)
     except (csv.Error, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a readable UTF-8 CSV file ({err})") from None
