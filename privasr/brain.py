@@ -65,7 +65,7 @@ import torch
 from privasr.clipping import (AggregationStats, check_method, clipped_fraction, core_norm, global_clip_factor,
                               shrunk_cores)
 from privasr.core_log import CoreLog
-from privasr.distributed import CoreAccumulator, broadcast_parameters, gather_norms, world_info
+from privasr.distributed import ALLREDUCE_DTYPES, CoreAccumulator, broadcast_parameters, gather_norms, world_info
 from privasr.faults import NonFiniteGradientsError, UserError
 from privasr.per_sample import shard_grads_loop, shard_grads_vmap, trainable_parameters
 from privasr.resume import PerRankState, RandomState, make_atomic, register_per_rank, seed_for_epoch
@@ -81,7 +81,7 @@ class ClippingConfig:
     """The validated clipping settings of a run (one place that knows the choices)."""
 
     def __init__(self, clipping: str = "none", clip_bound: Optional[float] = None, virtual_cores: int = 1,
-                 reduction: str = "mean", core_grad_mode: str = "loop"):
+                 reduction: str = "mean", core_grad_mode: str = "loop", allreduce_dtype: str = "float32"):
         if clipping not in CLIPPING_CHOICES:
             raise ValueError(f"unknown clipping {clipping!r}; accepted: {', '.join(CLIPPING_CHOICES)}")
         if core_grad_mode not in CORE_GRAD_MODES:
@@ -91,6 +91,9 @@ class ClippingConfig:
         self.clipping, self.clip_bound = clipping, clip_bound
         check_method(self.method, clip_bound, reduction)
         self.virtual_cores, self.reduction, self.core_grad_mode = int(virtual_cores), reduction, core_grad_mode
+        if allreduce_dtype not in ALLREDUCE_DTYPES:
+            raise ValueError(f"unknown allreduce_dtype {allreduce_dtype!r}; accepted: {', '.join(ALLREDUCE_DTYPES)}")
+        self.allreduce_dtype = ALLREDUCE_DTYPES[allreduce_dtype]
 
     @property
     def method(self) -> str:
@@ -105,7 +108,7 @@ class ClippingConfig:
     def from_hparams(cls, hparams) -> "ClippingConfig":
         get = lambda name, default: getattr(hparams, name, default)  # noqa: E731
         return cls(get("clipping", "none"), get("clip_bound", None), get("virtual_cores", 1),
-                   get("reduction", "mean"), get("core_grad_mode", "loop"))
+                   get("reduction", "mean"), get("core_grad_mode", "loop"), get("allreduce_dtype", "float32"))
 
 
 @register_per_rank
@@ -425,7 +428,7 @@ class PrivateBrain(sb.Brain):
     def _new_accumulator(self) -> CoreAccumulator:
         params = [p for _, p in trainable_parameters(self.modules)]
         cfg = self.clip_config
-        return CoreAccumulator(params, cfg.method, cfg.clip_bound, cfg.reduction)
+        return CoreAccumulator(params, cfg.method, cfg.clip_bound, cfg.reduction, cfg.allreduce_dtype)
 
     def _accumulate_cores(self, tensors, num_shards: int) -> torch.Tensor:
         """Per-core gradients of this micro-batch (``num_shards`` cores) into the accumulator; the mean loss."""
@@ -484,8 +487,7 @@ class PrivateBrain(sb.Brain):
             return
         aggregate = None
         if self.clip_config.clipping == "global":
-            squares = [g.detach().to(torch.float64).pow(2).sum() for g in grads if g is not None]
-            aggregate = float(torch.stack(squares).sum().sqrt()) / stats.global_factor if squares else 0.0
+            aggregate = float(core_norm(grads)) / stats.global_factor  # the update's norm before global clipping
         self._clip_monitor.add(stats, aggregate)
 
     def _check_clipping_acted(self, epoch) -> None:

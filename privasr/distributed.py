@@ -36,9 +36,12 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from privasr.clipping import AggregationStats, check_method, clip_factors, global_clip_factor
+from privasr.clipping import AggregationStats, check_method, clip_factors, core_norm, core_norms, global_clip_factor
 
 logger = logging.getLogger(__name__)
+
+#: ``allreduce_dtype`` names (YAML) -> dtypes of :class:`CoreAccumulator`'s cross-process sum.
+ALLREDUCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 #: How long a rank that finished waits at the shutdown barrier for the others (rank 0 may still
 #: be decoding): torch's default process-group timeout.
@@ -69,11 +72,19 @@ class CoreAccumulator:
         method: ``none``, ``global``, ``pcc`` or ``apcc``.
         bound: ``b`` for pcc, the max norm for global.
         reduction: ``mean`` or ``sum``.
+        allreduce_dtype: dtype of the cross-process sum of the clipped gradients. float32 (the
+            default) is exact to fp32 rounding and is what the equivalence tests check; bfloat16
+            halves the bytes sent (for GPUs with slow links) but rounds each process's partial sum to
+            8 significant bits (relative error up to 2^-8 of each contribution). Flags and the
+            number of cores kept are always summed in float32.
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter], method: str, bound: Optional[float] = None,
-                 reduction: str = "mean"):
+                 reduction: str = "mean", allreduce_dtype: torch.dtype = torch.float32):
         check_method(method, bound, reduction)
+        if allreduce_dtype not in ALLREDUCE_DTYPES.values():
+            raise ValueError(f"allreduce_dtype must be one of {', '.join(ALLREDUCE_DTYPES)}, got {allreduce_dtype}")
+        self.allreduce_dtype = allreduce_dtype
         self.params = list(params)
         self.method, self.bound, self.reduction = method, bound, reduction
         self.numels = [p.numel() for p in self.params]
@@ -110,17 +121,20 @@ class CoreAccumulator:
         if not present:
             raise ValueError("add_cores got no gradient for any parameter")
         num_cores = present[0].shape[0]
-        squares = [g.detach().to(torch.float64).reshape(num_cores, -1).pow(2).sum(1) for g in present]
-        norms = torch.stack(squares).sum(0).sqrt()
+        norms = core_norms(stacked_grads)
         finite = torch.isfinite(norms)
         factors = self._local_factors(norms).to(torch.float32)
         offset = 0
         for index, (g, numel) in enumerate(zip(stacked_grads, self.numels)):
             if g is not None:
                 g = g.detach().reshape(num_cores, numel).to(torch.float32)
-                # torch.where, not a product: 0 * NaN would poison the sum.
-                g = torch.where(finite.to(g.device).unsqueeze(1), g, torch.zeros_like(g))
-                self.flat[offset: offset + numel] += factors.to(g.device) @ g
+                if not bool(finite.all()):  # torch.where, not a product: 0 * NaN would poison the sum
+                    g = torch.where(finite.to(g.device).unsqueeze(1), g, torch.zeros_like(g))
+                target = self.flat[offset: offset + numel]
+                if num_cores == 1:  # in place, no temporary the size of the gradient
+                    target.add_(g[0], alpha=float(factors[0]))
+                else:
+                    target.addmv_(g.t(), factors.to(g.device))
                 self.has_grad[index] = 1.0
             offset += numel
         self.buffer[-1] += float(finite.sum())
@@ -137,8 +151,14 @@ class CoreAccumulator:
         Must be called on every process of ``group``, once per optimizer step.
         """
         _, world_size = world_info()
-        if world_size > 1:
+        if world_size > 1 and self.allreduce_dtype == torch.float32:
             dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=group)
+        elif world_size > 1:  # the gradient in the narrower dtype, the flags and the core count exact in fp32
+            narrow = self.flat.to(self.allreduce_dtype)
+            dist.all_reduce(narrow, op=dist.ReduceOp.SUM, group=group)
+            tail = self.buffer[self.total_numel:]
+            dist.all_reduce(tail, op=dist.ReduceOp.SUM, group=group)
+            self.flat.copy_(narrow)
         bound_in_force = self.bound if self.method in ("pcc", "global") else None
         if self.method == "apcc":
             b_t = torch.tensor([self.local_min_norm], dtype=torch.float64, device=self.buffer.device)
@@ -151,7 +171,7 @@ class CoreAccumulator:
             self.flat.div_(kept)
         global_factor = 1.0
         if self.method == "global" and kept > 0:
-            global_factor = global_clip_factor(float(self.flat.to(torch.float64).norm()), float(self.bound))
+            global_factor = global_clip_factor(float(core_norm([self.flat])), float(self.bound))
             self.flat.mul_(global_factor)
         grads = self._unflatten()
         local_norms = torch.cat(self.norms) if self.norms else torch.zeros(0, dtype=torch.float64)

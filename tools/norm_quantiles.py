@@ -127,6 +127,7 @@ def measure(brain, data, hparams, per_core: list[int], batches: int) -> dict[int
     """``{B: per-core norms}`` over the first ``batches`` batches (each split into cores of B)."""
     import speechbrain as sb
 
+    from privasr.clipping import core_norm
     from privasr.per_sample import shard_grads_loop
 
     batch_size = measured_batch(hparams["batch_size"], per_core)
@@ -140,8 +141,7 @@ def measure(brain, data, hparams, per_core: list[int], batches: int) -> dict[int
         tensors = brain.batch_to_tensors(batch)
         for b in per_core:
             for grads, _ in shard_grads_loop(brain.modules, brain.shard_loss, tensors, batch_size // b):
-                squares = [g.double().pow(2).sum() for g in grads if g is not None]
-                norms[b].append(float(torch.stack(squares).sum().sqrt()))
+                norms[b].append(float(core_norm(grads)))
     if not norms[per_core[0]]:
         raise UserError(f"{hparams['train_csv']}: fewer than {batch_size} utterances, not one batch to measure")
     return {b: np.asarray(v) for b, v in norms.items()}
