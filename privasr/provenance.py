@@ -46,7 +46,7 @@ OPERATIONAL_KEYS = frozenset({
     "log_every_n_steps", "ckpt_interval_minutes", "ckpt_interval_steps", "nonfinite_patience",
 })
 # Manifests whose content determines the model (digested); the other *_csv keys are decoding inputs.
-TRAINING_MANIFESTS = ("train_csv", "dev_csv", "canaries_csv")
+TRAINING_MANIFESTS = ("train_csv", "dev_csv", "valid_csv", "canaries_csv")
 PATH_SUFFIXES = ("_folder", "_dir", "_csv", "_log", "_file", "_path", "_encoder")
 # SpeechBrain run options (not YAML keys) that change what is trained.
 RESULT_RUN_OPTIONS = ("precision", "max_grad_norm", "skip_nonfinite_grads", "grad_accumulation_factor")
@@ -142,7 +142,7 @@ def training_fingerprint(hparams: Mapping, run_opts: Optional[Mapping] = None,
     per_process = batch if hparams.get("clipping") == "pec" else virtual
     return {
         "settings": model_settings(hparams),
-        "data": {key: file_digest(hparams.get(key)) for key in TRAINING_MANIFESTS if key in hparams},
+        "data": {key: file_digest(hparams[key]) for key in TRAINING_MANIFESTS if key in hparams},
         "tokenizer": dir_digest(hparams.get("tokenizer_dir")),
         "pretrained": {key: file_digest(hparams[key]) for key in sorted(hparams)
                        if key.startswith("pretrained") and isinstance(hparams[key], str)},

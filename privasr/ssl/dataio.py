@@ -26,13 +26,29 @@ AUDIO_COLUMNS = ("ID", "duration", "wav")
 Row = Dict[str, str]
 
 
-def read_audio_manifest(path: str, max_duration: Optional[float] = None) -> List[Row]:
-    """Rows ``{ID, duration, wav}`` of ``path``; utterances longer than ``max_duration`` s are left out."""
+def read_audio_manifest(path: str, max_duration: Optional[float] = None,
+                        sample_rate: Optional[int] = None) -> List[Row]:
+    """Rows ``{ID, duration, wav}`` of ``path``; utterances longer than ``max_duration`` s are left out.
+
+    With ``sample_rate``, every audio file is opened first (as the ASR recipes do: a missing,
+    unreadable or wrong-rate file, or one whose length is far from its duration, is a
+    :class:`privasr.faults.UserError` naming its manifest line; a small length mismatch one warning).
+    """
+    from types import SimpleNamespace
+
+    from privasr.asr.dataio import check_audio_file, warn_duration_mismatches
+
     rows = [{k: row[k] for k in AUDIO_COLUMNS} for _, row in read_table(path, AUDIO_COLUMNS)]
     if max_duration is not None:
         rows = [r for r in rows if float(r["duration"]) <= max_duration]
     if not rows:
         raise ValueError(f"{path}: no utterances" + (f" of at most {max_duration} s" if max_duration else ""))
+    if sample_rate is not None:
+        mismatches = []
+        for r in rows:
+            utt = SimpleNamespace(id=r["ID"], wav=r["wav"], duration=float(r["duration"]))
+            mismatches += check_audio_file(path, utt, sample_rate, resample=False)
+        warn_duration_mismatches(path, mismatches)
     return rows
 
 

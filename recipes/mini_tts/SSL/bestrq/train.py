@@ -19,6 +19,7 @@ import speechbrain as sb
 
 from privasr.brain import check_run_options
 from privasr.faults import UserError, load_hparams, parse_arguments, run_cli
+from privasr.provenance import claim_run_folder, record_run
 from privasr.ssl import DPBestRQBrain, audio_dataset, read_audio_manifest, split_public_private
 
 
@@ -28,13 +29,17 @@ def main(argv):
     check_run_options(run_opts, hparams)  # SpeechBrain options privasr cannot honour: one line, exit 2
     rate = hparams["sample_rate"]
     try:  # manifests and the DP configuration are checked before anything is written
-        rows = read_audio_manifest(hparams["train_csv"], hparams["max_duration"])
+        rows = read_audio_manifest(hparams["train_csv"], hparams["max_duration"], rate)
         public, private = split_public_private(rows, hparams["public_fraction"], hparams["split_seed"])
-        valid = audio_dataset(read_audio_manifest(hparams["valid_csv"], hparams["max_duration"]), rate, "ascending")
+        valid = audio_dataset(read_audio_manifest(hparams["valid_csv"], hparams["max_duration"], rate), rate,
+                              "ascending")
     except (ValueError, OSError) as err:
         raise UserError(str(err)) from None
+    fingerprint = claim_run_folder(hparams, run_opts)  # a folder pre-trained with other settings is refused
     sb.utils.distributed.ddp_init_group(run_opts)
     sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides)
+    if sb.utils.distributed.if_main_process():
+        record_run(hparams["output_folder"], fingerprint)
     try:
         brain = DPBestRQBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                               run_opts=run_opts, checkpointer=hparams["checkpointer"])
