@@ -84,17 +84,24 @@ def _step_fn(args, model, batch, strategy):
     params = list(model.parameters())
     feats, feat_lens = model.features(batch[0], batch[1])
     tensors = (feats, feat_lens, batch[2], batch[3])
+    device_type = feats.device.type
+    precision = getattr(args, "precision", "fp32")
+
+    def autocast():  # what SpeechBrain's --precision bf16 does around the training step
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def loss_fn(f, fl, y, yl):
-        log_probs, out_lens = model.forward_features(f, fl)
-        return model.loss(log_probs, out_lens, y, yl, reduction="mean")
+        with autocast():
+            log_probs, out_lens = model.forward_features(f, fl)
+        return model.loss(log_probs.float(), out_lens, y, yl, reduction="mean")
 
     if strategy == "ddp":
         ddp = torch.nn.parallel.DistributedDataParallel(_FromFeatures(model))
 
         def ddp_step():  # the same work as the others: features are computed once, outside the step
-            log_probs, out_lens = ddp(feats, feat_lens)
-            model.loss(log_probs, out_lens, batch[2], batch[3]).backward()
+            with autocast():
+                log_probs, out_lens = ddp(feats, feat_lens)
+            model.loss(log_probs.float(), out_lens, batch[2], batch[3]).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return ddp_step
@@ -268,6 +275,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=positive_int, default=8, help="utterances per process")
     p.add_argument("--tokens", type=positive_int, default=30, help="transcript length in tokens")
     p.add_argument("--steps", type=positive_int, default=5, help="timed steps (>= 1)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="autocast dtype of forward/backward (bf16: as --precision bf16 in the recipes)")
     model_arguments(p)
     args = p.parse_args(argv)
     for s in args.strategies:
@@ -304,7 +313,7 @@ def run_rows(args, rows, measure_row, details: str = "") -> dict:
 
 def _main(argv=None):
     args = parse_args(argv)
-    run_rows(args, args.strategies, measure)
+    run_rows(args, args.strategies, measure, details=f"{args.precision}; ")
 
 
 def main(argv=None) -> int:
