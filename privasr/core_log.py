@@ -16,6 +16,15 @@ a core without canary). One CSV per process, ``core_stats.rank<r>.csv`` with col
 the steps it repeats again; :func:`read_core_logs` keeps the last row of each
 ``(rank, step, core)``. :func:`summarize` and :func:`plot_core_logs` compare the
 distributions by label after training.
+
+What to expect from the canary's gradient alone (:func:`predicted_weight_ratio`): if a canary's
+per-example gradient norm is :math:`r` times a normal utterance's and the gradients of a core are
+roughly orthogonal, a core of :math:`B` holding one canary has norm
+:math:`\approx g\sqrt{r^2 + B - 1}` against :math:`g\sqrt{B}` for a normal core; clipping every core
+to the same norm scales the canary core by that ratio less, so the canary's weight relative to a
+normal utterance falls by :math:`\sqrt{r^2+B-1}/\sqrt{B}` (:math:`r` for per-example clipping,
+:math:`B = 1`). :func:`markdown_table` puts this prediction next to the measured ratio of clip scales
+(normal core / canary core) when ``r`` is given.
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ import csv
 import glob
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -84,6 +93,36 @@ def summarize(log: dict[str, np.ndarray]) -> dict[int, dict[str, float]]:
     return summary
 
 
+def predicted_weight_ratio(r: float, per_core: int) -> float:
+    r"""The factor by which clipping every core cuts a canary's weight relative to a normal utterance's.
+
+    ``r`` is the canary's per-example gradient norm over a normal utterance's, ``per_core`` the
+    per-core batch :math:`B`. Model: a canary core holds the canary (norm :math:`r g`) and
+    :math:`B - 1` normal utterances (norm :math:`g` each), all roughly orthogonal, so
+
+    .. math:: \lVert \textstyle\sum_{i \in c} g_i \rVert \approx g \sqrt{r^2 + B - 1}
+              \quad\text{vs.}\quad g \sqrt{B} \ \text{for a normal core.}
+
+    (The core gradient is the mean, a common factor :math:`1/B` that cancels.) Clipping every core to
+    the same bound :math:`b` multiplies each by :math:`b / \lVert \bar g_c \rVert`, so the canary core's
+    scale is smaller than a normal core's by
+
+    .. math:: \rho(r, B) = \frac{\sqrt{r^2 + B - 1}}{\sqrt{B}},
+
+    the measured ``scale(normal core) / scale(canary core)`` when every core is clipped.
+    :math:`\rho(r, 1) = r` (per-example clipping), :math:`\rho \to 1` as :math:`B` grows, and
+    :math:`\rho(1, B) = 1`: for :math:`r > 1` no clipping removes more than the factor :math:`r`. A bound
+    above the normal cores' norms (PCC at a high quantile) leaves them unclipped and the measured ratio
+    below :math:`\rho`. E.g. ``r = 1.6``: 1.33, 1.18, 1.09 at ``B`` = 2, 4, 8.
+    """
+    r = float(r)
+    if not (np.isfinite(r) and r > 0):
+        raise ValueError(f"r must be a finite positive norm ratio, got {r}")
+    if isinstance(per_core, bool) or int(per_core) != per_core or per_core < 1:
+        raise ValueError(f"the per-core batch B must be an integer >= 1, got {per_core}")
+    return float(np.sqrt((r * r + per_core - 1) / per_core))
+
+
 def label_name(label: int) -> str:
     return "no canary" if label == 0 else f"canary x{label}"
 
@@ -125,15 +164,53 @@ def plot_core_logs(runs: dict[str, dict[str, np.ndarray]], path: str | os.PathLi
     return path
 
 
-def markdown_table(runs: dict[str, dict[int, dict[str, float]]], labels: Iterable[int] = (0, 1, 16)) -> str:
-    """Median norm and scale per run for a few labels, as a markdown table."""
+def markdown_table(runs: dict[str, dict[int, dict[str, float]]], labels: Iterable[int] = (0, 1, 16),
+                   r: Union[float, Mapping[int, float], None] = None,
+                   per_core: Optional[Mapping[str, int]] = None) -> str:
+    """Median norm and scale per run for a few labels, as a markdown table.
+
+    With ``r`` (a canary's per-example gradient norm over a normal utterance's, e.g. from
+    ``privasr-canary-gradients``; one number, or one per insertion count) two columns follow: the
+    measured ``median scale(no canary) / median scale(canary xk)`` for each canary label, and
+    :func:`predicted_weight_ratio` at the run's per-core batch ``per_core[run]`` (``–`` for a run
+    not in ``per_core``, e.g. an unclipped baseline). Without ``r`` the table is as before.
+    """
     labels = list(labels)
+    canary_labels = [lab for lab in labels if lab != 0]
     head = "| run | " + " | ".join(f"{label_name(lab)}: norm / scale" for lab in labels) + " |"
-    lines = [head, "|---" * (len(labels) + 1) + "|"]
+    if r is not None:
+        counts = " / ".join(f"x{lab}" for lab in canary_labels)
+        predicted = f"r = {float(r):.3g}" if not isinstance(r, Mapping) else counts
+        head += (f" normal / canary clip scale, measured ({counts}) |"
+                 f" predicted from r, √(r²+B−1)/√B ({predicted}) |")
+    lines = [head, "|---" * (len(labels) + 1 + (2 if r is not None else 0)) + "|"]
     for name, summary in runs.items():
         cells = []
         for lab in labels:
             s = summary.get(lab)
             cells.append("–" if s is None else f"{s['norm_p50']:.3g} / {s['scale_p50']:.3g}")
+        if r is not None:
+            cells += [_measured_ratios(summary, canary_labels),
+                      _predicted_ratios(r, None if per_core is None else per_core.get(name), canary_labels)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _measured_ratios(summary: dict[int, dict[str, float]], canary_labels: list[int]) -> str:
+    """``median scale(no canary) / median scale(canary xk)`` per canary label, ``–`` where one is missing."""
+    normal = summary.get(0)
+    cells = []
+    for lab in canary_labels:
+        s = summary.get(lab)
+        ok = normal is not None and s is not None and s["scale_p50"] > 0
+        cells.append(f"{normal['scale_p50'] / s['scale_p50']:.3g}" if ok else "–")
+    return " / ".join(cells) or "–"
+
+
+def _predicted_ratios(r: Union[float, Mapping[int, float]], per_core: Optional[int], canary_labels: list[int]) -> str:
+    if per_core is None:
+        return "–"
+    if not isinstance(r, Mapping):
+        return f"{predicted_weight_ratio(r, per_core):.3g}"
+    return " / ".join("–" if r.get(lab) is None else f"{predicted_weight_ratio(r[lab], per_core):.3g}"
+                      for lab in canary_labels) or "–"

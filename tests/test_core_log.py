@@ -74,3 +74,24 @@ def test_a_resumed_step_is_counted_once_and_summaries_by_label(tmp_path):
 def test_mismatched_lengths_are_refused(tmp_path):
     with pytest.raises(ValueError, match="one each per core"):
         CoreLog(tmp_path).add(1, [1.0], [1.0, 1.0], [0])
+
+
+def test_the_table_puts_the_prediction_from_r_next_to_the_measured_scale_ratio():
+    summary = {0: {"norm_p50": 2.0, "scale_p50": 0.6}, 1: {"norm_p50": 2.6, "scale_p50": 0.5},
+               16: {"norm_p50": 2.4, "scale_p50": 0.4}}
+    runs = {"pcc_B2": summary, "baseline": summary}
+    plain = markdown_table(runs, labels=(0, 1, 16))
+    assert markdown_table(runs, labels=(0, 1, 16), r=None) == plain  # without r: the table as before
+    assert plain.splitlines()[2] == "| pcc_B2 | 2 / 0.6 | 2.6 / 0.5 | 2.4 / 0.4 |"
+
+    table = markdown_table(runs, labels=(0, 1, 16), r=1.6, per_core={"pcc_B2": 2}).splitlines()
+    assert table[0].endswith("| normal / canary clip scale, measured (x1 / x16) |"
+                             " predicted from r, √(r²+B−1)/√B (r = 1.6) |")
+    assert table[1] == "|---" * 6 + "|"
+    # measured 0.6 / 0.5 = 1.2 and 0.6 / 0.4 = 1.5; predicted sqrt((1.6^2 + 1) / 2) = 1.334; no B: no prediction
+    assert table[2] == "| pcc_B2 | 2 / 0.6 | 2.6 / 0.5 | 2.4 / 0.4 | 1.2 / 1.5 | 1.33 |"
+    assert table[3] == "| baseline | 2 / 0.6 | 2.6 / 0.5 | 2.4 / 0.4 | 1.2 / 1.5 | – |"
+
+    # r per insertion count: sqrt((2^2 + 3) / 4) = 1.323 for x1; x16 has no r
+    by_count = markdown_table({"pcc_B4": summary}, labels=(0, 1, 16), r={1: 2.0}, per_core={"pcc_B4": 4})
+    assert by_count.splitlines()[2].endswith("| 1.2 / 1.5 | 1.32 / – |")
