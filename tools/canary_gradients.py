@@ -68,10 +68,10 @@ def _parser() -> CliParser:
     p.add_argument("--canaries", help="the canaries' manifest (default: the YAML's canaries_csv)")
     p.add_argument("--normal-csv", help="the canary-free manifest normal utterances are drawn from "
                                         "(default: the YAML's train_eval_csv)")
-    p.add_argument("--normal", type=positive_int, default=200, help="normal utterances to measure (>= 1)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the draw of normal utterances")
+    p.add_argument("--normal", type=positive_int, default=200, help="normal utterances to measure (>= 1; default 200)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the draw of normal utterances (default 0)")
     p.add_argument("--per-core", type=positive_int, nargs="+", default=[1, 2, 4, 8],
-                   help="per-core batch sizes B of the prediction")
+                   help="per-core batch sizes B of the prediction (default 1 2 4 8)")
     p.add_argument("--json", help="also write the statistics, the prediction and every per-example norm here")
     return p
 
