@@ -31,6 +31,7 @@ setup(
             "privasr-bench=tools.bench_clipping:main",
             "privasr-bench-dp=tools.bench_dp:main",
             "privasr-bench-recipe=tools.bench_recipe:main",
+            "privasr-canary-gradients=tools.canary_gradients:main",
             "privasr-canaries=tools.make_canaries:main",
             "privasr-exposure=tools.score_exposure:main",
             "privasr-accountant=tools.accountant:main",
