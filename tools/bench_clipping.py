@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from privasr.data import CliParser, check_output_file, nonnegative_int, positive_float, positive_int, run_cli
+from privasr.distributed import ordered_shutdown
 
 PROG = "privasr-bench"
 DEFAULT_STRATEGIES = ["ddp", "none", "global", "pcc", "apcc", "pcc-v4", "pec-vmap", "pec-loop"]
@@ -134,39 +135,34 @@ def _worker(rank, world_size, port, args, strategy, out_path):
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, args.threads))
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
-    model = build_model(args, device)
-    step = _step_fn(args, model, make_batch(args, rank, device), strategy)
-    rss_ready = _current_rss_bytes()  # model and batch in memory, no step taken yet
-    for _ in range(args.warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _reset_peak_rss()
-    times = []
-    for _ in range(args.steps):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
+    with ordered_shutdown():  # a store barrier, then each rank's group destroyed in turn (privasr.distributed)
+        model = build_model(args, device)
+        step = _step_fn(args, model, make_batch(args, rank, device), strategy)
+        rss_ready = _current_rss_bytes()  # model and batch in memory, no step taken yet
+        for _ in range(args.warmup):
+            step()
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    # CPU: the steps' working memory = peak RSS during the timed steps above the RSS with model and batch loaded.
-    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes() - rss_ready
-    result = {"median_s": statistics.median(times), "peak_bytes": peak}
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, result)
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump({"median_s": max(r["median_s"] for r in gathered),
-                       "peak_bytes": max(r["peak_bytes"] for r in gathered)}, f)
-    dist.barrier()  # both ranks are done talking
-    # Leave without tearing gloo down: its teardown occasionally aborts the process ("terminate called
-    # without an active exception"), which would lose a measurement that is already written.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak_rss()
+        times = []
+        for _ in range(args.steps):
+            dist.barrier()
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        # CPU: the steps' working memory = peak RSS during the timed steps above the RSS with model and batch loaded.
+        peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes() - rss_ready
+        result = {"median_s": statistics.median(times), "peak_bytes": peak}
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, result)
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump({"median_s": max(r["median_s"] for r in gathered),
+                           "peak_bytes": max(r["peak_bytes"] for r in gathered)}, f)
 
 
 def _reset_peak_rss() -> None:
