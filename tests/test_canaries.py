@@ -116,5 +116,5 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
                           "no.txt: file not found")
     (tmp_path / "v.txt").write_text("A\nB\nC\n")
     assert_one_line_error(run_privasr_cli("tools.make_canaries", "--out", tmp_path, "--vocab", tmp_path / "v.txt",
-                                          "--counts", "0"), "insertion counts")
+                                          "--counts", "0"), "--counts: expected an integer >= 1, got 0")
     assert_one_line_error(run_privasr_cli("tools.make_canaries", "--out", tmp_path, "--per-count", "x"), "--per-count")

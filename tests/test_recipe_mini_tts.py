@@ -1,4 +1,5 @@
 """The main job's quick configuration end to end (stages 0-6), and the stage grammar."""
+import csv
 import json
 import os
 import shutil
@@ -49,7 +50,6 @@ def test_quick_run_writes_every_table_and_plot(quick_run):
 
 def test_hyps_carry_the_per_utterance_loss_as_score(quick_run):
     _, _, exp, _ = quick_run
-    import csv
 
     rows = list(csv.DictReader(open(os.path.join(exp, "pcc", "seed1", "hyps", "holdout.csv"))))
     assert len(rows) == 20 and set(rows[0]) == {"ID", "hyp", "ref", "score"}
@@ -115,10 +115,13 @@ def test_old_transcripts_are_not_scored_against_remade_canaries(quick_run):
     shutil.copytree(data, data2)
     shutil.copytree(exp, exp2)
     canaries = data2 / "canaries" / "canaries.csv"
-    lines = canaries.read_text(encoding="utf-8").splitlines()
-    first = lines[1].rsplit(",", 1)
-    lines[1] = first[0] + ",remade words here"
-    canaries.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with open(canaries, newline="", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    table[0]["wrd"] = "REMADE WORDS HERE"  # same ID, new text
+    with open(canaries, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
     result = run("--quick", "true", "--data", str(data2), "--exp", str(exp2), "--methods", "pcc",
                  "--stage", "6", "--stop_stage", "6")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]

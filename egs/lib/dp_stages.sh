@@ -37,14 +37,15 @@ stage_dp_pretrain() {
 
 stage_dp_finetune() {  # stage_dp_finetune NAME ENCODER : CTC fine-tuning ("null" encoder: from scratch)
   # train.py finishes at once a finished run (and does not decode again), refuses one made with other settings
-  local name=$1 encoder=$2 dir=$exp/$1
+  local name=$1 encoder=$2 dir=$exp/$1 done_before=false
+  [ -f "$dir/.done" ] && done_before=true
   [ "$encoder" = null ] || [ -f "$encoder" ] || die "no pre-trained encoder $encoder; run stage 3 first"
   mkdir -p "$dir"
-  log "CTC fine-tuning '$name' -> $dir (log: $dir/train.log)"
+  [ "$done_before" = true ] || log "CTC fine-tuning '$name' -> $dir (log: $dir/train.log)"
   launch_train "$dir" --mode train_and_decode --pretrained_encoder "$encoder" --model_size "$model_size" \
     >> "$dir/train.log" 2>&1 || die "fine-tuning '$name' failed: $(error_line "$dir/train.log") (log: $dir/train.log)"
-  tail -n 1 "$dir/train_log.txt" | sed "s/^/    /"
-  touch "$dir/.done"
+  if [ "$done_before" = true ]; then log "fine-tuning '$name' already done with these settings ($dir/fingerprint.json)"
+  else tail -n 1 "$dir/train_log.txt" | sed "s/^/    /"; touch "$dir/.done"; fi
 }
 
 stage_dp_results() {

@@ -55,12 +55,14 @@ fi
 study_py() { $python -m privasr.study "$@"; }
 
 stage_pretrain() {  # train.py finishes at once a finished pre-training, and refuses one made with other settings
-  local epochs; epochs=$(study_py get "$study" pretrain_epochs)
+  local epochs done_before=false; epochs=$(study_py get "$study" pretrain_epochs)
+  [ -f "$exp/pretrain/.trained" ] && done_before=true
   mkdir -p "$exp/pretrain"
   launch_train "$exp/pretrain" --mode train --clipping none --virtual_cores 1 --train_csv "$data/train.csv" \
     --number_of_epochs "$epochs" >> "$exp/pretrain.log" 2>&1 \
     || die "pre-training failed: $(error_line "$exp/pretrain.log") (log: $exp/pretrain.log)"
-  touch "$exp/pretrain/.trained"
+  if [ "$done_before" = true ]; then log "pre-training already done with these settings ($exp/pretrain/fingerprint.json)"
+  else touch "$exp/pretrain/.trained"; fi
 }
 
 stage_quantiles() {
