@@ -53,9 +53,10 @@ import numpy as np
 import torch
 
 from privasr.core_log import predicted_weight_ratio
-from privasr.data import CliParser, check_output_file, nonnegative_int, positive_int, run_cli
+from privasr.data import CliParser, nonnegative_int, positive_int, run_cli
 from privasr.faults import UserError
 from tools.norm_quantiles import check_trained_run, load_brain, resolved_hparams
+from tools.norm_quantiles import parse_args as quantile_tool_args
 
 PROG = "privasr-canary-gradients"
 QUANTILES = (0.1, 0.5, 0.9)
@@ -77,21 +78,9 @@ def _parser() -> CliParser:
 
 
 def parse_args(argv=None):
-    """The tool's options and, after ``--``, the recipe overrides (``args.overrides``)."""
-    p = _parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    args, unknown = p.parse_known_args(argv[:split])
-    if unknown:
-        p.error(f"unrecognized arguments: {' '.join(unknown)} (recipe overrides go after --, "
-                f"e.g. -- --output_folder exp/baseline/seed1)")
-    args.overrides = argv[split + 1:]
+    """The tool's options and, after ``--``, the recipe overrides (parsed as privasr-norm-quantiles does)."""
+    args = quantile_tool_args(argv, _parser())
     args.per_core = list(dict.fromkeys(args.per_core))
-    if args.json is not None:
-        try:
-            check_output_file(args.json, "--json")
-        except ValueError as err:
-            p.error(str(err))
     return args
 
 

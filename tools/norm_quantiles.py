@@ -43,9 +43,12 @@ def _parser() -> CliParser:
     return p
 
 
-def parse_args(argv=None):
-    """The tool's options and, after ``--``, the recipe overrides (``args.overrides``)."""
-    p = _parser()
+def parse_args(argv=None, parser: CliParser | None = None):
+    """The tool's options and, after ``--``, the recipe overrides (``args.overrides``).
+
+    ``parser``: another recipe tool's own options (``privasr-canary-gradients``), same convention.
+    """
+    p = parser or _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args, unknown = p.parse_known_args(argv[:split])
