@@ -1,0 +1,340 @@
+"""Ghost norms (privasr.ghost) against vmap per-example gradients, layer type by layer type and on the Conformer."""
+import logging
+import math
+
+import pytest
+import torch
+
+from privasr.clipping import clip_factors, core_norms
+from privasr.distributed import CoreAccumulator
+from privasr.ghost import accumulate, clipped_sum, ghost_pass, per_example_norms, summed_shard_loss
+from privasr.models.sizes import build_model
+from privasr.per_sample import shard_grads_vmap, trainable_parameters
+
+RTOL = 1e-5
+
+
+def vmap_reference(model, loss_fn, tensors, num_units=None):
+    """Per-unit gradients by vmap: the exactness reference (loss_fn of one unit: its loss, or [B] losses)."""
+    units = num_units or tensors[0].shape[0]
+    grads, _ = shard_grads_vmap(model, lambda *shard: loss_fn(*shard).sum(), tensors, units)
+    return grads
+
+
+def assert_norms_match(model, loss_fn, tensors, num_units=None, expect_fallback=()):
+    result = ghost_pass(model, loss_fn, tensors, num_units)
+    grads = vmap_reference(model, loss_fn, tensors, num_units)
+    names = [n for n, _ in trainable_parameters(model)]
+    for name, g in zip(names, grads):
+        expected = core_norms([g])
+        got = result.sq_norms[name].sqrt()
+        assert torch.allclose(got, expected, rtol=RTOL, atol=1e-9), (name, got, expected)
+    assert torch.allclose(result.norms, core_norms(grads), rtol=RTOL)
+    assert sorted(result.fallback) == sorted(expect_fallback), result.fallback
+    return result
+
+
+class SeqModel(torch.nn.Module):
+    """``layers`` applied to ``x [N, T, d]``, per-example loss = weighted squares of the output."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.layers = torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def square_loss(model):
+    def loss(x, w):
+        out = model(x)
+        return (out.pow(2).flatten(1) * w[:, None]).sum(1) + out.flatten(1).sum(1)
+    return loss
+
+
+def seq_batch(n=4, t=5, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, t, d, generator=g), torch.linspace(0.5, 2.0, n)
+
+
+class Transpose(torch.nn.Module):
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return x.transpose(self.a, self.b)
+
+
+@pytest.mark.parametrize("t, ghost", [(3, True), (8, False)])
+def test_linear_on_sequences_ghost_and_materialized_branches(t, ghost):
+    torch.manual_seed(0)
+    model = SeqModel(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 5))
+    result = assert_norms_match(model, square_loss(model), seq_batch(t=t))
+    assert result.pieces["layers.0.weight"][0].ghost is ghost  # d_in d_out = 30 vs T^2 = 9 / 64
+
+
+def test_time_first_linear_finds_the_batch_axis():
+    torch.manual_seed(0)
+    model = SeqModel(Transpose(0, 1), torch.nn.Linear(6, 5), Transpose(0, 1))  # SpeechBrain's feed-forward layout
+    assert_norms_match(model, square_loss(model), seq_batch(t=5))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_pointwise_and_depthwise_and_grouped_conv1d():
+    torch.manual_seed(0)
+    model = SeqModel(Transpose(1, 2), torch.nn.Conv1d(6, 8, 1),  # pointwise
+                     torch.nn.Conv1d(8, 8, 5, padding=2, groups=8),  # depthwise (the Conformer's)
+                     torch.nn.Conv1d(8, 4, 3, stride=2, dilation=2, padding=1, groups=2),
+                     torch.nn.Conv1d(4, 4, 4, padding="same"))  # even kernel: asymmetric 'same'
+    assert_norms_match(model, square_loss(model), seq_batch(t=11))
+
+
+def test_conv2d_front_end():
+    torch.manual_seed(0)
+
+    class Front(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(1, 4, 3, stride=2, padding=1)
+            self.c2 = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return self.c2(torch.relu(self.c1(x.unsqueeze(1))))
+
+    model = Front()
+    assert_norms_match(model, square_loss(model), seq_batch(t=9, d=7))
+
+
+def test_layer_norm():
+    torch.manual_seed(0)
+    model = SeqModel(torch.nn.Linear(6, 6), torch.nn.LayerNorm(6))
+    with torch.no_grad():
+        model.layers[1].weight.uniform_(0.5, 1.5)
+        model.layers[1].bias.uniform_(-0.5, 0.5)
+    assert_norms_match(model, square_loss(model), seq_batch())
+
+
+class BiasAndShared(torch.nn.Module):
+    """RelPosMHAXL's patterns: a broadcast parameter bias and a Linear on an input shared by all examples."""
+
+    def __init__(self, d=6, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.bias_u = torch.nn.Parameter(torch.randn(d // heads, heads))
+        self.linear_pos = torch.nn.Linear(d, d, bias=False)
+        self.pos = torch.randn(1, 7, d)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q = (x.view(n, t, self.heads, d // self.heads) + self.bias_u.view(1, 1, self.heads, d // self.heads))
+        p = self.linear_pos(self.pos).view(1, -1, self.heads, d // self.heads)
+        return torch.matmul(q.transpose(1, 2), p.permute(0, 2, 3, 1))  # [N, H, T, 7]
+
+
+def test_broadcast_bias_and_shared_input_linear():
+    torch.manual_seed(0)
+    model = BiasAndShared()
+    assert_norms_match(model, square_loss(model), seq_batch())
+
+
+def test_shared_weights_take_the_norm_of_the_sum(caplog):
+    torch.manual_seed(0)
+
+    class Twice(torch.nn.Module):  # one module called twice (registered once: see the note on functional_call)
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x)))
+
+    model = Twice()
+    for t in (2, 9):  # ghost and materialized forms on the concatenated uses
+        assert_norms_match(model, square_loss(model), seq_batch(t=t))
+
+    class Mixed(torch.nn.Module):  # the same weight in a Linear and in a plain product
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.lin(x) * self.lin.weight.sum(0)
+
+    model = Mixed()
+    with caplog.at_level(logging.WARNING, logger="privasr.ghost"):
+        assert_norms_match(model, square_loss(model), seq_batch(), expect_fallback=["lin.weight"])
+    assert "lin.weight" in caplog.text and "fall back" in caplog.text
+
+
+def test_uncovered_parameter_falls_back_to_exact_vmap_gradients():
+    torch.manual_seed(0)
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 6)
+            self.scale = torch.nn.Parameter(torch.rand(6) + 0.5)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x)) * self.scale  # an elementwise product: no rule
+
+    model = Scaled()
+    assert_norms_match(model, square_loss(model), seq_batch(), expect_fallback=["scale"])
+
+
+# -- the Conformer-CTC ------------------------------------------------------------------------------
+def tiny_ctc():
+    torch.manual_seed(0)
+    return build_model("tiny", 12, dropout=0.0).eval()
+
+
+def ctc_batch(model, seed=0):
+    """Features of 3 utterances of unequal lengths (padded) and transcripts of unequal lengths."""
+    g = torch.Generator().manual_seed(seed)
+    wavs = torch.randn(3, 6000, generator=g)
+    wav_lens = torch.tensor([1.0, 0.55, 0.8])
+    wavs = wavs * (torch.arange(6000) < (wav_lens[:, None] * 6000).round())  # silence in the padding
+    feats, feat_lens = model.features(wavs, wav_lens)
+    tokens = torch.randint(1, 12, (3, 5), generator=g)
+    return feats, feat_lens, tokens, torch.tensor([1.0, 0.6, 0.8])
+
+
+def ctc_example_losses(model):
+    """Per-example losses [N] equal to the recipe's shard loss of each example alone (loss_reduction mean)."""
+    def loss(feats, feat_lens, tokens, token_lens):
+        out, out_lens = model.forward_features(feats, feat_lens)
+        return model.loss(out, out_lens, tokens, token_lens, reduction="none") / (
+            (token_lens * tokens.shape[1]).round().clamp(min=1))
+    return loss
+
+
+def ctc_summed_loss(model):
+    """The recipe's shard loss (mean over examples) summed over examples, as PrivateBrain would pass it."""
+    def shard_loss(feats, feat_lens, tokens, token_lens):
+        out, out_lens = model.forward_features(feats, feat_lens)
+        return model.loss(out, out_lens, tokens, token_lens, reduction="mean")
+    return summed_shard_loss(shard_loss, 1, "mean")
+
+
+def test_conformer_ctc_padded_batch_nothing_falls_back():
+    model = tiny_ctc()
+    tensors = ctc_batch(model)
+    result = assert_norms_match(model, ctc_summed_loss(model), tensors)
+    assert result.losses.dim() == 0
+    # Padding is inert: each utterance's norm is that of the utterance alone, unpadded.
+    frames = (tensors[1] * tensors[0].shape[1]).round().long()
+    for i in (1, 2):
+        alone = (tensors[0][i:i + 1, :frames[i]], torch.ones(1), tensors[2][i:i + 1], tensors[3][i:i + 1])
+        single = ghost_pass(model, ctc_summed_loss(model), alone).norms
+        assert float(single) == pytest.approx(float(result.norms[i]), rel=1e-4)
+
+
+def test_conformer_ctc_per_example_losses_and_pcc_cores():
+    model = tiny_ctc()
+    tensors = ctc_batch(model)
+    norms, per_param, losses = per_example_norms(model, ctc_example_losses(model), tensors)
+    assert losses.shape == (3,) and set(per_param) == {n for n, _ in trainable_parameters(model)}
+    assert torch.allclose(norms, core_norms(vmap_reference(model, ctc_example_losses(model), tensors)), rtol=RTOL)
+
+
+def test_pcc_cores_of_two_examples():
+    torch.manual_seed(0)
+    model = SeqModel(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), Transpose(1, 2),
+                     torch.nn.Conv1d(5, 5, 3, padding=1, groups=5))
+    loss = square_loss(model)
+    assert_norms_match(model, lambda *t: loss(*t).sum(), seq_batch(), num_units=2)
+
+
+# -- the clipped sum --------------------------------------------------------------------------------
+def accumulator_reference(model, loss_fn, tensors, bound, reduction, num_units=None):
+    params = [p for _, p in trainable_parameters(model)]
+    acc = CoreAccumulator(params, "pcc", bound, reduction)
+    acc.add_cores(vmap_reference(model, loss_fn, tensors, num_units))
+    return acc.reduce()
+
+
+def assert_grads_close(got, expected):
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, rtol=RTOL, atol=1e-6 * float(e.abs().max()) + 1e-9), float((g - e).abs().max())
+
+
+@pytest.mark.parametrize("route", ["bookkeeping", "backward"])
+def test_clipped_sum_equals_vmap_and_core_accumulator_on_the_conformer(route):
+    model = tiny_ctc()
+    tensors = ctc_batch(model)
+    loss = ctc_example_losses(model)
+    bound = float(ghost_pass(model, loss, tensors).norms.median())  # the largest norm clipped, the others not
+    grads, norms, factors = clipped_sum(model, loss, tensors, bound, route=route)
+    expected, stats = accumulator_reference(model, loss, tensors, bound, "sum")
+    assert torch.allclose(norms, stats.core_norms, rtol=RTOL) and torch.allclose(factors, stats.factors, rtol=RTOL)
+    assert 0 < int((factors < 1).sum()) < 3
+    assert_grads_close(grads, expected)
+
+
+def test_accumulate_into_core_accumulator_mean_reduction_and_cores():
+    torch.manual_seed(0)
+    model = SeqModel(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5))
+    loss = square_loss(model)
+    tensors = seq_batch()
+    for units in (None, 2):
+        summed = lambda *t: loss(*t).sum()  # noqa: E731
+        acc = CoreAccumulator([p for _, p in trainable_parameters(model)], "pcc", 1.0, "mean")
+        accumulate(acc, model, summed, tensors, units)
+        got, stats = acc.reduce()
+        expected, ref_stats = accumulator_reference(model, summed, tensors, 1.0, "mean", units)
+        assert_grads_close(got, expected)
+        assert torch.allclose(stats.core_norms, ref_stats.core_norms, rtol=RTOL)
+
+
+@pytest.mark.parametrize("route", ["bookkeeping", "backward"])
+def test_zero_norm_and_nan_examples_follow_clip_factors(route):
+    torch.manual_seed(0)
+    model = SeqModel(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, w = seq_batch()
+    x[1] = float("nan")
+    w[2] = 0.0
+    inner = square_loss(model)
+
+    def loss(x, w):  # example 2 (w = 0) has a loss that does not depend on the model: zero gradient
+        return inner(x, w) * (w > 0).to(x.dtype)
+
+    grads, norms, factors = clipped_sum(model, loss, (x, w), 0.1, route=route)
+    assert math.isnan(float(norms[1])) and float(norms[2]) == 0.0
+    assert torch.equal(factors, clip_factors(norms, "pcc", 0.1)[0])
+    assert float(factors[1]) == 0.0 and float(factors[2]) == 1.0
+    expected, stats = accumulator_reference(model, loss, (x, w), 0.1, "sum")
+    assert stats.dropped == [1]
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert_grads_close(grads, expected)
+
+
+def test_bound_above_every_norm_gives_the_plain_sum():
+    torch.manual_seed(0)
+    model = SeqModel(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+    loss = square_loss(model)
+    tensors = seq_batch()
+    grads, norms, factors = clipped_sum(model, loss, tensors, 1e6)
+    assert torch.equal(factors, torch.ones(4, dtype=torch.float64))
+    plain = torch.autograd.grad(loss(*tensors).sum(), [p for _, p in trainable_parameters(model)])
+    assert_grads_close(grads, plain)
+
+
+def test_bad_input_is_refused_with_a_clear_error():
+    torch.manual_seed(0)
+    model = SeqModel(torch.nn.Linear(6, 5))
+    tensors = seq_batch()
+    with pytest.raises(ValueError, match="per-example losses"):
+        ghost_pass(model, lambda x, w: model(x).sum((1, 2))[:2], tensors)
+    with pytest.raises(ValueError, match="num_units must divide"):
+        ghost_pass(model, square_loss(model), tensors, num_units=3)
+    with pytest.raises(ValueError, match="unknown route"):
+        clipped_sum(model, square_loss(model), tensors, 1.0, route="magic")
+
+    def in_place(x, w):
+        out = model(x)
+        out.mul_(2.0)
+        return out.sum((1, 2))
+
+    with pytest.raises(RuntimeError, match="modified in place"):
+        ghost_pass(model, in_place, tensors)
