@@ -101,24 +101,21 @@ _noted: set = set()  # fallback sets already logged (one note per set, not one p
 
 
 # -- the pieces of one example's gradient ------------------------------------------------------------
-@dataclass
 class _Seq:
     """A weight gradient of the form ``sum_t g[i,k,t]^T a[i,k,t]`` per group ``k``.
 
     ``a``: ``[N, G, L, d_in]``, ``g``: ``[N, G, L, d_out]``; the parameter is ``[G*d_out, d_in]``
     (reshaped to its own shape), which is how Linear (``G = 1``) and grouped convolutions lay out
-    their weights.
+    their weights. In the materialized form the per-unit gradients are formed once and serve both
+    the norms and the clipped sum.
     """
 
-    a: torch.Tensor
-    g: torch.Tensor
+    def __init__(self, a: torch.Tensor, g: torch.Tensor):
+        self.a, self.g = a, g
+        self._grads: Optional[torch.Tensor] = None
 
     def layout(self) -> tuple:
         return self.a.shape[1], self.a.shape[3], self.g.shape[3]
-
-    def materialize(self) -> torch.Tensor:
-        """Per-unit gradients ``[N, G*d_out*d_in]``."""
-        return torch.einsum("ngli,nglo->ngoi", self.a, self.g).reshape(self.a.shape[0], -1)
 
     @property
     def ghost(self) -> bool:
@@ -126,18 +123,26 @@ class _Seq:
         _, d_in, d_out = self.layout()
         return d_in * d_out >= self.a.shape[2] ** 2
 
+    def materialize(self) -> torch.Tensor:
+        """Per-unit gradients ``[N, G*d_out*d_in]``."""
+        if self._grads is None:
+            self._grads = torch.einsum("ngli,nglo->ngoi", self.a, self.g).reshape(self.a.shape[0], -1)
+        return self._grads
+
     def sq_norms(self) -> torch.Tensor:
         """``[N]`` squared norms: ghost form when :attr:`ghost`, else materialized."""
         if not self.ghost:
-            return self.materialize().pow(2).sum(1)
+            return core_norms([self.materialize()]).pow(2)
         gram_a = self.a @ self.a.transpose(-1, -2)  # [N, G, L, L]
         gram_g = self.g @ self.g.transpose(-1, -2)
         return (gram_a * gram_g).sum((1, 2, 3))
 
-    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
-        """``sum_i w_i grad_i`` (flat): book-keeping, output gradients scaled by ``w``."""
-        g = self.g * weights.view(-1, 1, 1, 1)
-        return torch.einsum("ngli,nglo->goi", self.a, g).reshape(-1)
+    def weighted_sum(self, weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``sum_{i kept} w_i grad_i`` (flat): book-keeping, output gradients scaled by ``w``."""
+        if self._grads is not None:
+            return weights.to(self._grads.dtype) @ _keep_rows(self._grads, keep)
+        g = _keep_rows(self.g, keep) * weights.to(self.g.dtype).view(-1, 1, 1, 1)
+        return torch.einsum("ngli,nglo->goi", _keep_rows(self.a, keep), g).reshape(-1)
 
 
 def _to_units(x: torch.Tensor, num_units: int, seq: bool) -> torch.Tensor:
@@ -159,6 +164,8 @@ def _to_units(x: torch.Tensor, num_units: int, seq: bool) -> torch.Tensor:
 
 def _keep_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Rows of dropped units replaced by zeros (``where``, so NaN/Inf cannot leak through ``0 *``)."""
+    if bool(keep.all()):
+        return x
     mask = keep.view(-1, *([1] * (x.dim() - 1))).to(x.device)
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
@@ -524,8 +531,7 @@ class GhostPass:
                 total = None
                 for piece in self.pieces[name]:
                     if isinstance(piece, _Seq):
-                        w = weights.to(piece.a.dtype)
-                        part = _Seq(_keep_rows(piece.a, keep), _keep_rows(piece.g, keep)).weighted_sum(w)
+                        part = piece.weighted_sum(weights, keep)
                     else:
                         part = weights.to(piece.dtype) @ _keep_rows(piece, keep)
                     total = part if total is None else total + part
