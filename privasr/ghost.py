@@ -296,14 +296,19 @@ class _Recorder(TorchFunctionMode):
         if isinstance(out, torch.Tensor) and out.requires_grad:
             self.sites.append(_Site(out, slots, rule))
 
-    def _linear(self, func, args, kwargs):
-        x, weight, bias = _bind(args, kwargs, ("input", "weight", "bias"), (None, None, None))
+    def _call(self, func, args, kwargs, x, weight, bias) -> tuple[dict, torch.Tensor]:
+        """Run a layer op; ``({"weight"/"bias": name} of its tracked parameters, output)``."""
         names = {k: self._name(t) for k, t in (("weight", weight), ("bias", bias)) if self._name(t)}
         out = func(*args, **kwargs)
         self._check_misplaced(func, (x,), out)
+        self.seen.update(names.values())
+        return names, out
+
+    def _linear(self, func, args, kwargs):
+        x, weight, bias = _bind(args, kwargs, ("input", "weight", "bias"), (None, None, None))
+        names, out = self._call(func, args, kwargs, x, weight, bias)
         if not names:
             return out
-        self.seen.update(names.values())
         if (self.batch > 1 and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 1
                 and self._tracked(x) is None and not x.requires_grad and out.requires_grad):
             # The same input for every example (RelPosMHAXL's positional embeddings): the examples'
@@ -338,12 +343,9 @@ class _Recorder(TorchFunctionMode):
         x, weight, bias, stride, padding, dilation, groups = _bind(
             args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
             (None, None, None, 1, 0, 1, 1))
-        names = {k: self._name(t) for k, t in (("weight", weight), ("bias", bias)) if self._name(t)}
-        out = func(*args, **kwargs)
-        self._check_misplaced(func, (x,), out)
+        names, out = self._call(func, args, kwargs, x, weight, bias)
         if not names:
             return out
-        self.seen.update(names.values())
         if x.dim() != dims + 2 or self._batch_axis(x, 1, names.values(), f"conv{dims}d") != 0:
             return out
         saved = x.detach()
@@ -367,12 +369,9 @@ class _Recorder(TorchFunctionMode):
     def _layer_norm(self, func, args, kwargs):
         x, shape, weight, bias, eps = _bind(
             args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"), (None, None, None, None, 1e-5))
-        names = {k: self._name(t) for k, t in (("weight", weight), ("bias", bias)) if self._name(t)}
-        out = func(*args, **kwargs)
-        self._check_misplaced(func, (x,), out)
+        names, out = self._call(func, args, kwargs, x, weight, bias)
         if not names:
             return out
-        self.seen.update(names.values())
         shape = tuple(shape)
         axis = self._batch_axis(x, x.dim() - len(shape), names.values(), "layer_norm")
         if axis is None:
