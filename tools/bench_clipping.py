@@ -50,7 +50,7 @@ def make_batch(args, rank, device):
 
 
 def strategy_settings(name):
-    """(method, num_cores_per_process or 'example', mode)."""
+    """``(method, virtual_cores, core_grad_mode)`` of :class:`privasr.private_step.PerCoreClipping` for a strategy."""
     if name in ("none", "global", "pcc", "apcc"):
         return name, 1, "loop"
     if name.startswith("pcc-v"):
@@ -58,10 +58,8 @@ def strategy_settings(name):
         if not (k.isdigit() and int(k) >= 1):
             raise ValueError(f"unknown strategy {name!r}: pcc-vK needs an integer K >= 1 (virtual cores per process)")
         return "pcc", int(k), "loop"
-    if name == "pec-vmap":
-        return "pcc", "example", "vmap"
-    if name == "pec-loop":
-        return "pcc", "example", "loop"
+    if name in ("pec-vmap", "pec-loop"):  # one core per example
+        return "pec", 1, name[len("pec-"):]
     raise ValueError(f"unknown strategy {name!r}; known: {', '.join(DEFAULT_STRATEGIES)} or pcc-vK")
 
 
@@ -78,11 +76,9 @@ class _FromFeatures(torch.nn.Module):
 
 def _step_fn(args, model, batch, strategy):
     """Returns a zero-argument function doing one full training step."""
-    from privasr.distributed import CoreAccumulator
-    from privasr.per_sample import shard_grads_loop, shard_grads_vmap
+    from privasr.private_step import PerCoreClipping
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
-    params = list(model.parameters())
     feats, feat_lens = model.features(batch[0], batch[1])
     tensors = (feats, feat_lens, batch[2], batch[3])
     device_type = feats.device.type
@@ -107,22 +103,14 @@ def _step_fn(args, model, batch, strategy):
             optimizer.zero_grad(set_to_none=True)
         return ddp_step
 
-    method, cores, mode = strategy_settings(strategy)
-    bound = 1.0 if method in ("pcc", "global") else None
-    num_shards = args.batch if cores == "example" else cores
+    method, virtual_cores, mode = strategy_settings(strategy)
+    bound = 1.0 if method in ("pcc", "pec", "global") else None
+    clip = PerCoreClipping(model, method, bound, virtual_cores, core_grad_mode=mode)  # the training step's own object
 
     def step():
-        acc = CoreAccumulator(params, method, bound)
-        if mode == "vmap":
-            grads, _ = shard_grads_vmap(model, loss_fn, tensors, num_shards)
-            acc.add_cores(grads)
-        else:
-            for grads, _ in shard_grads_loop(model, loss_fn, tensors, num_shards):
-                acc.add_core(grads)
-        grads, _ = acc.reduce()
-        for p, g in zip(params, grads):
-            p.grad = g
-        optimizer.step()
+        clip.backward(loss_fn, *tensors)
+        if not clip.reduce().skipped:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
 
@@ -280,7 +268,7 @@ def parse_args(argv=None):
             _, cores, _ = strategy_settings(s) if s != "ddp" else (None, 1, None)
         except ValueError as e:
             p.error(str(e))
-        if isinstance(cores, int) and cores > args.batch:
+        if cores > args.batch:
             p.error(f"strategy {s}: {cores} virtual cores need at least as many utterances per process "
                     f"(--batch {args.batch})")
     check_model_arguments(p, args)
