@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from privasr.data import CliParser, run_cli
+from privasr.cli import CliParser, run_cli
 
 PROG = "privasr-accountant"
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from privasr.data import CliParser, check_output_file, nonnegative_int, positive_float, positive_int, run_cli
+from privasr.cli import CliParser, check_output_file, nonnegative_int, positive_float, positive_int, run_cli
 from privasr.distributed import ordered_shutdown
 
 PROG = "privasr-bench"

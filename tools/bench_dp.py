@@ -23,7 +23,7 @@ import tempfile
 import torch
 import torch.multiprocessing as mp
 
-from privasr.data import CliParser, fraction, positive_int, run_cli
+from privasr.cli import CliParser, fraction, positive_int, run_cli
 from tools import bench_clipping
 
 PROG = "privasr-bench-dp"

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from privasr.data import CliParser, check_output_file, nonnegative_int, positive_int, run_cli
+from privasr.cli import CliParser, check_output_file, nonnegative_int, positive_int, run_cli
 from privasr.faults import UserError
 
 PROG = "privasr-bench-recipe"

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from privasr.core_log import predicted_weight_ratio
-from privasr.data import CliParser, nonnegative_int, positive_int, run_cli
+from privasr.cli import CliParser, nonnegative_int, positive_int, run_cli
 from privasr.faults import UserError
 from tools.norm_quantiles import check_trained_run, load_brain, resolved_hparams
 from tools.norm_quantiles import parse_args as quantile_tool_args

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from privasr.canaries import (DEFAULT_COUNTS, DEFAULT_VOICE, MIN_MS_PER_CHAR, char_duration_stats, format_char_stats,
                               make_canaries)
-from privasr.data import CliParser, check_output_file, nonnegative_int, positive_float, positive_int, run_cli
+from privasr.cli import CliParser, check_output_file, nonnegative_int, positive_float, positive_int, run_cli
 from privasr.data.manifest import read_manifest
 from privasr.tts import ENGINES, Voice
 

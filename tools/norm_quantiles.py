@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from privasr.data import CliParser, check_output_file, fraction, positive_int, run_cli
+from privasr.cli import CliParser, check_output_file, fraction, positive_int, run_cli
 from privasr.faults import UserError
 
 PROG = "privasr-norm-quantiles"

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from privasr.data import CliParser, check_output_file, run_cli
+from privasr.cli import CliParser, check_output_file, run_cli
 from privasr.exposure import (DIRECTIONS, METHODS, METRICS, TIES, compare_reports, describe_settings, load_report,
                               markdown_table, plot_exposure, score_exposure)
 
