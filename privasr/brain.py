@@ -67,14 +67,15 @@ from privasr.clipping import (AggregationStats, check_method, clipped_fraction, 
 from privasr.core_log import CoreLog
 from privasr.distributed import ALLREDUCE_DTYPES, CoreAccumulator, broadcast_parameters, gather_norms, world_info
 from privasr.faults import NonFiniteGradientsError, UserError
-from privasr.per_sample import shard_grads_loop, shard_grads_vmap, trainable_parameters
+from privasr.per_sample import trainable_parameters
+from privasr.private_step import CORE_GRAD_MODES, STRATEGIES, accumulate_cores, unequal_cores_message
 from privasr.resume import PerRankState, RandomState, make_atomic, register_per_rank, seed_for_epoch
 from privasr.sampling import DurationBucketSampler
 
 logger = logging.getLogger(__name__)
 
-CLIPPING_CHOICES = ("none", "global", "pcc", "apcc", "pec")
-CORE_GRAD_MODES = ("vmap", "loop")
+#: ``clipping`` choices and ``core_grad_mode`` choices: privasr.private_step's lists (one source).
+CLIPPING_CHOICES = STRATEGIES
 
 
 class ClippingConfig:
@@ -431,23 +432,18 @@ class PrivateBrain(sb.Brain):
         return CoreAccumulator(params, cfg.method, cfg.clip_bound, cfg.reduction, cfg.allreduce_dtype)
 
     def _accumulate_cores(self, tensors, num_shards: int) -> torch.Tensor:
-        """Per-core gradients of this micro-batch (``num_shards`` cores) into the accumulator; the mean loss."""
-        divisible = tensors[0].shape[0] % num_shards == 0
-        if not divisible and not self._warned_unequal_shards:
+        """Per-core gradients of this micro-batch (``num_shards`` cores) into the accumulator; the mean loss.
+
+        :func:`privasr.private_step.accumulate_cores` is the one loop/vmap dispatch (shared with
+        :class:`~privasr.private_step.PerCoreClipping`); this adds the Brain's warning and hooks.
+        """
+        message = unequal_cores_message(tensors[0].shape[0], num_shards)
+        if message and not self._warned_unequal_shards:
             self._warned_unequal_shards = True  # e.g. the last batch of an epoch without drop_last
-            logger.warning("a batch of %d examples split into %d cores of unequal size (per-core batch %d or %d); "
-                           "use a batch_size divisible by virtual_cores for equal cores", tensors[0].shape[0],
-                           num_shards, tensors[0].shape[0] // num_shards, tensors[0].shape[0] // num_shards + 1)
-        if self.clip_config.core_grad_mode == "vmap" and divisible:
-            grads, losses = shard_grads_vmap(self.modules, self.shard_loss, tensors, num_shards)
-            self._accumulator.add_cores(grads)
-            return losses.mean()
-        losses = []
+            logger.warning(message)
         trim = self.trim_shard if getattr(self.hparams, "trim_shards", False) else None
-        for grads, loss in shard_grads_loop(self.modules, self.shard_loss, tensors, num_shards, trim):
-            self._accumulator.add_core(grads)
-            losses.append(loss)
-        return torch.stack(losses).mean()
+        return accumulate_cores(self._accumulator, self.modules, self.shard_loss, tensors, num_shards,
+                                self.clip_config.core_grad_mode, trim)
 
     def _apply_step(self) -> None:
         grads, stats = self._accumulator.reduce()

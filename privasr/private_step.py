@@ -84,7 +84,7 @@ def unequal_cores_message(batch_size: int, num_shards: int) -> Optional[str]:
     if batch_size % num_shards == 0:
         return None
     return (f"a batch of {batch_size} examples split into {num_shards} cores of unequal size (per-core batch "
-            f"{batch_size // num_shards} or {batch_size // num_shards + 1}); use a batch size divisible by "
+            f"{batch_size // num_shards} or {batch_size // num_shards + 1}); use a batch_size divisible by "
             f"virtual_cores for equal cores")
 
 

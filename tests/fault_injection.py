@@ -149,7 +149,9 @@ class Faults:
         brain.PrivateBrain._apply_step = patched_apply_step
         AtomicCheckpointer._publish = staticmethod(patched_publish)
         if self.args.nan_step is not None or self.args.nan_from_step is not None:
-            self._install_nan(brain)
+            import privasr.private_step as private_step
+
+            self._install_nan(private_step)
 
     def after_step(self, optimizer_step: int) -> None:
         if not self.kill_enabled or optimizer_step != self.args.kill_at:
@@ -171,9 +173,16 @@ class Faults:
         return self.nan_now() and (self.args.nan_cores == "all" or core in
                                    {int(c) for c in self.args.nan_cores.split(",")})
 
-    def _install_nan(self, brain) -> None:
+    def _install_nan(self, step_module) -> None:
+        """Wrap the per-core gradient functions where the step calls them: ``privasr.private_step``'s
+        globals, read by :func:`privasr.private_step.accumulate_cores` (PrivateBrain and PerCoreClipping).
+        A missing name is an error, not a silent no-op (the NaN tests would then test nothing)."""
         faults = self
-        loop, vmap = brain.shard_grads_loop, brain.shard_grads_vmap
+        for name in ("shard_grads_loop", "shard_grads_vmap"):
+            if name not in vars(step_module) or name not in step_module.accumulate_cores.__code__.co_names:
+                raise RuntimeError(f"fault_injection: {step_module.__name__}.accumulate_cores no longer calls "
+                                   f"{name}; patch the function that computes per-core gradients now")
+        loop, vmap = step_module.shard_grads_loop, step_module.shard_grads_vmap
 
         def nan_loop(*args, **kwargs):
             for core, (grads, loss) in enumerate(loop(*args, **kwargs)):
@@ -193,7 +202,7 @@ class Faults:
                         g[cores] = float("nan")
             return grads, losses
 
-        brain.shard_grads_loop, brain.shard_grads_vmap = nan_loop, nan_vmap
+        step_module.shard_grads_loop, step_module.shard_grads_vmap = nan_loop, nan_vmap
 
 
 # -- the launcher ------------------------------------------------------------------------
