@@ -8,7 +8,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["privasr", "privasr.*", "tools"]),
+    # tools/ holds executables over privasr.cli, not a package: installing it would shadow any other `tools`
+    packages=find_packages(include=["privasr", "privasr.*"]),
     install_requires=[
         "torch==2.14.1",
         "torchaudio==2.11.0",
@@ -28,14 +29,14 @@ setup(
     extras_require={"test": ["pytest", "pytest-timeout"]},
     entry_points={
         "console_scripts": [
-            "privasr-bench=tools.bench_clipping:main",
-            "privasr-bench-dp=tools.bench_dp:main",
-            "privasr-bench-recipe=tools.bench_recipe:main",
-            "privasr-canary-gradients=tools.canary_gradients:main",
-            "privasr-canaries=tools.make_canaries:main",
-            "privasr-exposure=tools.score_exposure:main",
-            "privasr-accountant=tools.accountant:main",
-            "privasr-norm-quantiles=tools.norm_quantiles:main",
+            "privasr-bench=privasr.cli.bench_clipping:main",
+            "privasr-bench-dp=privasr.cli.bench_dp:main",
+            "privasr-bench-recipe=privasr.cli.bench_recipe:main",
+            "privasr-canary-gradients=privasr.cli.canary_gradients:main",
+            "privasr-canaries=privasr.cli.make_canaries:main",
+            "privasr-exposure=privasr.cli.score_exposure:main",
+            "privasr-accountant=privasr.cli.accountant:main",
+            "privasr-norm-quantiles=privasr.cli.norm_quantiles:main",
         ]
     },
 )

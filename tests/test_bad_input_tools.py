@@ -1,4 +1,4 @@
-"""Bad input to every tool in tools/ ends with one line ``<prog>: error: ...``, exit status 2, nothing written.
+"""Bad input to every tool (privasr.cli) ends with one line ``<prog>: error: ...``, exit status 2, nothing written.
 
 Each case calls the tool's ``main(argv)`` in-process (the parser and the checks run before any
 process, model or file is made, so this is fast); one case runs a real command. "Nothing written"
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, assert_one_line_error, run_privasr_cli
-from tools import accountant, bench_clipping, bench_dp, make_canaries, norm_quantiles, score_exposure
+from privasr.cli import accountant, bench_clipping, bench_dp, make_canaries, norm_quantiles, score_exposure
 
 RECIPE_YAML = str(REPO_ROOT / "recipes" / "mini_tts" / "ASR" / "conformer" / "hparams" / "conformer_ctc.yaml")
 TOOLS = {
@@ -191,6 +191,6 @@ def test_every_tool_returns_its_status_in_process(capsys):
 
 def test_a_real_command_exits_2_with_one_line():
     """The console-script path (``python -m``): exit status 2 and one line, no traceback."""
-    proc = run_privasr_cli("tools.bench_clipping", "--steps", "0")
+    proc = run_privasr_cli("privasr.cli.bench_clipping", "--steps", "0")
     assert_one_line_error(proc, "privasr-bench: error: argument --steps: expected an integer >= 1, got 0")
     assert proc.stdout == ""

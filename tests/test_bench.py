@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tools import bench_clipping, bench_dp
+from privasr.cli import bench_clipping, bench_dp
 
 TINY = ["--nproc", "2", "--batch", "2", "--seconds", "0.5", "--tokens", "4", "--d-model", "32", "--layers", "1",
         "--heads", "2", "--steps", "1", "--warmup", "0"]
@@ -30,7 +30,7 @@ def test_unknown_strategy_is_refused():
 
 def test_recipe_bench_times_the_real_step_with_and_without_speedups(tmp_path, tmp_path_factory, capsys):
     """privasr-bench-recipe on the quick corpus: a row per (method, speed-ups), ratios to plain, one JSON."""
-    from tools import bench_recipe
+    from privasr.cli import bench_recipe
 
     from .fault_injection import HAVE_TTS, quick_corpus
 
@@ -48,7 +48,7 @@ def test_recipe_bench_times_the_real_step_with_and_without_speedups(tmp_path, tm
 
 
 def test_recipe_bench_refuses_a_folder_without_a_corpus(tmp_path, capsys):
-    from tools import bench_recipe
+    from privasr.cli import bench_recipe
 
     assert bench_recipe.main(["--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from privasr.core_log import predicted_weight_ratio
-from tools import canary_gradients
+from privasr.cli import canary_gradients
 
 from .fault_injection import HAVE_TTS, RECIPE, quick_corpus, recipe_argv, run_python
 

@@ -16,7 +16,7 @@ from privasr.exposure import (EXTRAPOLATION_CAP_BITS, compare_reports, differenc
                               exposure_extrapolation, exposure_interpolation, markdown_table, ranks, score_exposure,
                               summarize_by_insertions, summarize_over_seeds)
 from tests.conftest import assert_one_line_error, run_privasr_cli
-from tools.score_exposure import main as score_main
+from privasr.cli.score_exposure import main as score_main
 
 HOLDOUT = [0.1, 0.2, 0.2, 0.5]
 
@@ -200,7 +200,7 @@ def test_score_exposure_by_score_and_extrapolation(audit):
 
 def test_cli_scores_plots_and_compares(audit, tmp_path):
     canaries, holdout, hyps = audit
-    proc = run_privasr_cli("tools.score_exposure", "--canaries", canaries, "--holdout", holdout, "--hyps", hyps,
+    proc = run_privasr_cli("privasr.cli.score_exposure", "--canaries", canaries, "--holdout", holdout, "--hyps", hyps,
                            "--out", tmp_path / "a.json", "--plot", tmp_path / "a.png", "--label", "base")
     assert proc.returncode == 0, proc.stderr
     assert "| base | 2.0 ± 0.0 | 0.4 ± 0.0 |" in proc.stdout

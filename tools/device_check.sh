@@ -26,7 +26,7 @@ timeout 900 $python -m pytest -q tests/test_clipping.py tests/test_speedups.py t
 
 # 2. step time and memory, ratios to `none`, fp32 then bf16 (mini-sized model, 16 utterances per process)
 for precision in fp32 bf16; do
-  timeout 900 $python -m tools.bench_clipping --nproc "$nproc" --batch 16 --seconds 8 --tokens 60 --d-model 144 \
+  timeout 900 $python -m privasr.cli.bench_clipping --nproc "$nproc" --batch 16 --seconds 8 --tokens 60 --d-model 144 \
     --layers 4 --heads 4 --steps 20 --warmup 3 --precision "$precision" \
     --strategies ddp none pcc apcc pcc-v4 pec-vmap pec-loop --json "$out/bench_$precision.json" \
     2> "$out/bench_$precision.log" | tee "$out/bench_$precision.md"
