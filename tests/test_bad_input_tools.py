@@ -6,7 +6,10 @@ is checked on the whole temporary directory every case works in.
 """
 from __future__ import annotations
 
+import ast
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +197,71 @@ def test_a_real_command_exits_2_with_one_line():
     proc = run_privasr_cli("privasr.cli.bench_clipping", "--steps", "0")
     assert_one_line_error(proc, "privasr-bench: error: argument --steps: expected an integer >= 1, got 0")
     assert proc.stdout == ""
+
+
+# -- the layout: the code in privasr.cli, thin executables in tools/, no package named `tools` -------------
+THIN_TOOLS = sorted(p.stem for p in (REPO_ROOT / "tools").glob("*.py") if p.stem != "bench_ghost")
+
+
+def test_every_console_script_runs_a_privasr_cli_main():
+    """setup.py's console scripts all point at ``privasr.cli.<module>:main`` (as installed), and load."""
+    from importlib.metadata import distribution
+
+    scripts = [e for e in distribution("privasr").entry_points if e.group == "console_scripts"]
+    assert {e.name for e in scripts} >= set(TOOLS) | {"privasr-bench-recipe", "privasr-canary-gradients"}
+    for entry in scripts:
+        assert entry.value.startswith("privasr.cli.") and entry.value.endswith(":main"), entry
+        assert callable(entry.load()), entry
+
+
+def test_tools_holds_only_thin_executables_and_is_not_installed():
+    """Each tools/<name>.py only runs ``privasr.cli.<name>.main``; ``import tools`` fails outside the checkout."""
+    assert THIN_TOOLS and not (REPO_ROOT / "tools" / "__init__.py").exists()
+    for name in THIN_TOOLS:
+        path = REPO_ROOT / "tools" / f"{name}.py"
+        tree = ast.parse(path.read_text())
+        imports = [node for node in tree.body if isinstance(node, ast.ImportFrom)]
+        assert [(i.module, [a.name for a in i.names]) for i in imports] == [(f"privasr.cli.{name}", ["main"])], name
+        assert path.read_text().startswith("#!/usr/bin/env python3\n") and os.access(path, os.X_OK), name
+    found = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('tools'))"],
+                           cwd="/", capture_output=True, text=True, timeout=60)
+    assert found.stdout.strip() == "None", found.stdout + found.stderr
+
+
+def test_a_thin_executable_is_the_command():
+    """``python tools/accountant.py`` (from any directory) prints what the accountant computes; bad input: one line."""
+    from privasr.accounting import epsilon
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "accountant.py"), *args], cwd="/",
+                              capture_output=True, text=True, timeout=120)
+
+    done = run(*ACCOUNTANT)
+    assert done.returncode == 0 and done.stdout.strip() == f"{epsilon(0.01, 1.1, 100, 1e-5):.6g}", done
+    assert_one_line_error(run(*ACCOUNTANT, "--bogus"), "privasr-accountant: error: unrecognized arguments: --bogus")
+
+
+def test_run_cli_returns_main_s_status_and_output_file_checks_while_parsing(tmp_path, capsys):
+    """The convention itself: ``main``'s integer is the status (None: 0); ``output_file`` refuses a folder."""
+    from privasr.cli import CliParser, output_file, run_cli
+
+    assert run_cli(lambda argv: 1, [], prog="p") == 1
+    assert run_cli(lambda argv: None, [], prog="p") == 0
+    parser = CliParser(prog="p")
+    parser.add_argument("--json", type=output_file)
+    assert run_cli(lambda argv: parser.parse_args(argv), ["--json", str(tmp_path)], prog="p") == 2
+    assert capsys.readouterr().err == f"p: error: argument --json: {tmp_path}: is a directory, expected a file name " \
+                                      f"(see --help)\n"
+
+
+def test_device_equivalence_refuses_bad_input_in_one_line(capsys):
+    from privasr.cli import device_equivalence
+
+    assert device_equivalence.main(["--bogus"]) == 2
+    assert capsys.readouterr().err == "device_equivalence: error: unrecognized arguments: --bogus (see --help)\n"
+    import torch
+
+    if not torch.cuda.is_available():
+        assert device_equivalence.main([]) == 2
+        assert capsys.readouterr().err == ("device_equivalence: error: no CUDA device "
+                                           "(--cpu runs the same checks on the CPU)\n")

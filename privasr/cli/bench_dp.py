@@ -108,7 +108,8 @@ def measure(args, row):
 def parse_args(argv=None):
     p = CliParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="none and dp-<flat|uniform|dim>[-freeze]")
-    p.add_argument("--batch", type=positive_int, default=4, help="utterances per process (the Poisson mean, fixed here)")
+    p.add_argument("--batch", type=positive_int, default=4,
+                   help="utterances per process (the Poisson mean, fixed here)")
     p.add_argument("--tokens", type=positive_int, default=20, help="transcript length in tokens")
     p.add_argument("--grad-mode", choices=("loop", "vmap"), default="loop", help="per-example gradients")
     p.add_argument("--micro-batch", type=positive_int, default=8, help="examples per vmap call")

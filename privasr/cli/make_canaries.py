@@ -34,7 +34,8 @@ def _parser() -> CliParser:
     p.add_argument("--counts", type=positive_int, nargs="+", default=list(DEFAULT_COUNTS),
                    help="insertion counts (default 1 2 4 8 16)")
     p.add_argument("--per-count", type=positive_int, default=20, help="canaries per insertion count (default 20)")
-    p.add_argument("--holdout", type=positive_int, default=1000, help="holdout utterances, never inserted (default 1000)")
+    p.add_argument("--holdout", type=positive_int, default=1000,
+                   help="holdout utterances, never inserted (default 1000)")
     p.add_argument("--words", type=positive_int, default=7, help="words per transcript (default 7)")
     p.add_argument("--engine", choices=ENGINES, default=DEFAULT_VOICE.engine)
     p.add_argument("--voice", nargs="+", default=[DEFAULT_VOICE.name],
