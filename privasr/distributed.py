@@ -31,7 +31,7 @@ import contextlib
 import logging
 import math
 from datetime import timedelta
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -137,9 +137,49 @@ class CoreAccumulator:
                     target.addmv_(g.t(), factors.to(g.device))
                 self.has_grad[index] = 1.0
             offset += numel
-        self.buffer[-1] += float(finite.sum())
-        self.norms.append(norms.cpu())
+        self._count_cores(norms)
         return norms
+
+    def add_clipped_sum(self, norms: torch.Tensor, clipped_sum: Callable[[torch.Tensor, torch.Tensor], Sequence]
+                        ) -> torch.Tensor:
+        r"""Add ``K`` cores known by their norms and a function that forms their weighted sum.
+
+        For a caller that has each core's norm :math:`\lVert\bar g_k\rVert` without the
+        gradients :math:`\bar g_k` themselves (ghost norms, :func:`privasr.ghost.accumulate`).
+        The accumulator chooses the factors :math:`f_k`, exactly as :meth:`add_cores` does (pcc:
+        :math:`\min(1, b/\lVert\bar g_k\rVert)`; apcc: :math:`1/\lVert\bar g_k\rVert` now,
+        :math:`b_t` after the MIN all_reduce; none/global: 1; a non-finite norm: 0, and the core is
+        dropped), and calls ``clipped_sum(factors, keep)``, which must return
+        :math:`\sum_{k:\,\text{keep}_k} f_k \bar g_k` per parameter (a tensor of the parameter's
+        shape, or None where no core has a gradient), in :attr:`params` order. ``factors`` is
+        ``[K]`` float64 (0 where ``keep`` is False); the function must leave the dropped cores out
+        (``torch.where``, never ``0 * NaN``).
+
+        Equal to :meth:`add_cores` on the same cores (``tests/test_ddp_equivalence.py``).
+        Returns ``norms`` (float64).
+        """
+        norms = torch.as_tensor(norms).detach().to(torch.float64).reshape(-1)
+        factors = self._local_factors(norms).to(torch.float64)
+        grads = list(clipped_sum(factors, torch.isfinite(norms)))
+        if len(grads) != len(self.params):
+            raise ValueError(f"clipped_sum returned {len(grads)} gradients for the accumulator's {len(self.params)} "
+                             f"parameters: return one per parameter, in order (None for an unused one)")
+        offset = 0
+        for index, (g, param, numel) in enumerate(zip(grads, self.params, self.numels)):
+            if g is not None:
+                if g.numel() != numel:
+                    raise ValueError(f"clipped_sum's gradient {index} has {g.numel()} elements, its parameter "
+                                     f"{tuple(param.shape)} has {numel}")
+                self.flat[offset: offset + numel].add_(g.detach().reshape(-1).to(torch.float32))
+                self.has_grad[index] = 1.0
+            offset += numel
+        self._count_cores(norms)
+        return norms
+
+    def _count_cores(self, norms: torch.Tensor) -> None:
+        """Book-keeping of added cores: the number kept (finite) and their norms for the stats."""
+        self.buffer[-1] += float(torch.isfinite(norms).sum())
+        self.norms.append(norms.cpu())
 
     def add_core(self, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
         """Add one core's gradient (one entry per parameter, or None); returns its norm."""

@@ -719,29 +719,19 @@ def accumulate(accumulator, model: torch.nn.Module, loss_fn: LossFn, tensors: Se
                num_units: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Add this micro-batch's units (cores) to a :class:`privasr.distributed.CoreAccumulator` by ghost norms.
 
-    Equal to ``accumulator.add_cores(per-unit vmap gradients)``: the factors are the accumulator's
-    own (``_local_factors``: pcc's clip, apcc's 1/norm and local minimum), the clipped sum is added
-    into its flat buffer with its has-gradient flags and kept-core count, and the norms are logged.
-    Returns ``(norms, losses)``. Writes the accumulator's internals: this should become
-    ``CoreAccumulator.add_clipped_sum(norms, weighted_sum)`` (see the report of issue 17).
+    Equal to ``accumulator.add_cores(per-unit vmap gradients)``: one recorded forward and backward
+    give the units' norms, and :meth:`~privasr.distributed.CoreAccumulator.add_clipped_sum` takes
+    them with the book-keeping weighted sum, for the factors the accumulator chooses (pcc's clip,
+    apcc's 1/norm before :math:`b_t`, 1 for none/global; non-finite units dropped).
+    Returns ``(norms, losses)``.
     """
-    result = ghost_pass(model, loss_fn, tensors, num_units)
-    norms = result.norms
-    finite = torch.isfinite(norms)
-    factors = accumulator._local_factors(norms).to(torch.float64)
     params = accumulator.params
     if [tuple(p.shape) for p in params] != [tuple(p.shape) for _, p in trainable_parameters(model)]:
         raise ValueError("the accumulator's parameters are not the model's trainable parameters in order; "
                          "build both from privasr.per_sample.trainable_parameters of the same module")
-    grads = result.weighted_sum(factors, finite, [p.shape for p in params])
-    offset = 0
-    for index, (g, numel) in enumerate(zip(grads, accumulator.numels)):
-        if g is not None:
-            accumulator.flat[offset: offset + numel].add_(g.reshape(-1).to(torch.float32))
-            accumulator.has_grad[index] = 1.0
-        offset += numel
-    accumulator.buffer[-1] += float(finite.sum())
-    accumulator.norms.append(norms.cpu())
+    result = ghost_pass(model, loss_fn, tensors, num_units)
+    shapes = [p.shape for p in params]
+    norms = accumulator.add_clipped_sum(result.norms, lambda factors, keep: result.weighted_sum(factors, keep, shapes))
     return norms, result.losses
 
 

@@ -130,3 +130,45 @@ def test_faulty_cores_on_two_processes_match_the_reference(tmp_path):
                 assert (got - expected).norm() <= 1e-5 * expected.norm(), (name, method, rank)
                 # dropped cores are reported by the rank that owns them, as local indices
                 assert dropped == [c - 2 * rank for c, kind in faults.items() if kind == "nan" and c // 2 == rank]
+
+
+# -- add_clipped_sum: cores given by their norms and a weighted-sum function (ghost norms) -----------------
+@pytest.mark.parametrize("method, bound", FAULT_CONFIGS)
+def test_add_clipped_sum_equals_add_cores_with_zero_nan_and_unused_parameter(method, bound):
+    """The same 4 cores (a zero one, a NaN one, the last parameter without a gradient), added in two
+    micro-batches of 2 (apcc's local minimum runs over both): by add_cores and by add_clipped_sum."""
+    model, (x, y) = toy_model(), toy_batch()
+    per_core = faulty_core_grads(model, list(zip(x.chunk(CORES), y.chunk(CORES))), 0, {1: "zero", 2: "nan"})
+    per_core = [grads[:-1] + [None] for grads in per_core]
+    params = list(model.parameters())
+    by_cores, by_sum = CoreAccumulator(params, method, bound), CoreAccumulator(params, method, bound)
+    seen = []
+    for cores in (per_core[:2], per_core[2:]):
+        stacked = [None if cores[0][p] is None else torch.stack([c[p] for c in cores]) for p in range(len(params))]
+        norms = by_cores.add_cores(stacked)
+
+        def clipped_sum(factors, keep, cores=cores):
+            seen.append((factors.clone(), keep.clone()))
+            return [None if cores[0][p] is None else
+                    sum(float(factors[k]) * cores[k][p] for k in range(len(cores)) if keep[k])
+                    for p in range(len(params))]
+
+        assert torch.allclose(by_sum.add_clipped_sum(norms, clipped_sum), norms, rtol=0, atol=0, equal_nan=True)
+    assert [bool(k) for _, keep in seen for k in keep] == [True, True, False, True]
+    assert all(float(f[~keep].abs().sum()) == 0 for f, keep in seen)  # a dropped core's factor is 0
+    (expected, expected_stats), (got, stats) = by_cores.reduce(), by_sum.reduce()
+    assert got[-1] is None and expected[-1] is None
+    for g, e in zip(got[:-1], expected[:-1]):
+        assert torch.allclose(g, e, rtol=1e-6, atol=1e-7), method
+    assert torch.allclose(stats.core_norms, expected_stats.core_norms, rtol=0, atol=0, equal_nan=True)
+    assert stats.dropped == expected_stats.dropped == [2]
+    assert torch.allclose(stats.factors, expected_stats.factors) and stats.bound == expected_stats.bound
+
+
+def test_add_clipped_sum_refuses_a_wrong_number_or_shape_of_gradients():
+    params = list(toy_model().parameters())
+    acc = CoreAccumulator(params, "pcc", 1.0)
+    with pytest.raises(ValueError, match="returned 1 gradients for the accumulator's 4 parameters"):
+        acc.add_clipped_sum(torch.ones(2), lambda f, keep: [torch.zeros(3)])
+    with pytest.raises(ValueError, match=r"gradient 0 has 5 elements, its parameter \(8, 6\) has 48"):
+        acc.add_clipped_sum(torch.ones(2), lambda f, keep: [torch.zeros(5)] + [None] * 3)
