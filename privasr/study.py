@@ -27,6 +27,7 @@ from privasr.core_log import markdown_table as core_markdown_table
 from privasr.core_log import plot_core_logs, read_core_logs, summarize
 from privasr.exposure import (difference_over_seeds, markdown_table, plot_exposure, score_exposure,
                               summarize_over_seeds)
+from privasr.provenance import file_digest
 from privasr.results import collect, mean_std
 
 SPREAD_NOTE = ("Mean ± std over a configuration's seeds of each seed's mean exposure over its canaries; "
@@ -104,7 +105,7 @@ def run_overrides(study: dict, name: str, quantiles_dir: Path) -> list[str]:
 
 
 def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: Path,
-          commands: Path | None = None) -> Path:
+          commands: Path | None = None, pretrain_save: Path | None = None) -> Path:
     """exp/RESULTS.md of the study: one row per configuration, plots against B and bound."""
     names = list(study["configs"])
     decoded = {n: [str(s) for s in study["seeds"] if (exp / n / f"seed{s}" / "hyps" / "canaries.csv").exists()]
@@ -139,7 +140,9 @@ def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: 
                      f"{finetune_epochs(study, n)} | "
                      f"{mean_std([r['wer'].get('test') for r in runs])} | {mean_std([r['wer'].get('dev') for r in runs])} | "
                      f"{mean_std([r['wer'].get('gap') for r in runs])} |")
-    lines += core_diagnostics(exp, {n: decoded[n] for n in done})
+    clipped = {n: int(study["configs"][n]["per_core"]) for n in done if study["configs"][n]["clipping"] != "none"}
+    r = canary_gradient_ratios(exp / "canary_gradients.json", canaries, pretrain_save)
+    lines += core_diagnostics(exp, {n: decoded[n] for n in done}, r, clipped)
     if commands is not None and commands.is_file():
         lines += ["", "## Commands that trained these runs (re-run any of them to resume or extend the grid)", "",
                   "```", *commands.read_text().splitlines(), "```"]
@@ -178,8 +181,40 @@ def _difference_cell(entry: dict) -> str:
     return f"{entry['mean']:+.1f}{spread} ({entry['lower']}/{entry['n']})"
 
 
-def core_diagnostics(exp: Path, decoded: dict[str, list[str]]) -> list[str]:
-    """RESULTS.md lines comparing the clipping of cores with and without a canary; writes core_stats.png."""
+def canary_gradient_ratios(path: Path, canaries: Path, pretrain_save: Path | None = None) -> dict[int, float] | None:
+    """``r`` per insertion count measured by ``privasr-canary-gradients`` on the pre-trained model, or None.
+
+    ``r`` is a canary's median per-example gradient norm over a normal utterance's (see
+    :func:`privasr.core_log.predicted_weight_ratio`). A record made on other canaries (their bytes) or, when
+    ``pretrain_save`` is given, on another checkpoint than its newest is refused: the prediction it would
+    print beside the measured clip scales would belong to another experiment.
+    """
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("canaries_sha256") != file_digest(canaries):
+        raise ValueError(f"{path} was measured on other canaries than {canaries}: delete it and run stage 5 again")
+    if pretrain_save is not None:
+        from speechbrain.utils.checkpoints import Checkpointer
+
+        from privasr.provenance import checkpoint_identity
+
+        newest = Checkpointer(str(pretrain_save)).find_checkpoint()
+        if newest is None or checkpoint_identity(newest) != record.get("checkpoint"):
+            raise ValueError(f"{path} was measured on another checkpoint than {pretrain_save}'s newest: "
+                             f"delete it and run stage 5 again")
+    ratios = {int(count): group["r_median"] for count, group in record.get("by_insertions", {}).items()
+              if group.get("r_median") is not None}
+    return ratios or None
+
+
+def core_diagnostics(exp: Path, decoded: dict[str, list[str]], r: dict[int, float] | None = None,
+                     per_core: dict[str, int] | None = None) -> list[str]:
+    """RESULTS.md lines comparing the clipping of cores with and without a canary; writes core_stats.png.
+
+    With ``r`` (per insertion count) and each clipped configuration's per-core batch, the table also
+    gives the measured normal/canary clip-scale ratio beside the prediction √(r²+B−1)/√B.
+    """
     logs = {}
     for name, seeds in decoded.items():
         per_seed = [read_core_logs(exp / name / f"seed{s}" / "core_stats") for s in seeds]
@@ -190,10 +225,13 @@ def core_diagnostics(exp: Path, decoded: dict[str, list[str]]) -> list[str]:
     plot_core_logs(logs, exp / "core_stats.png")
     summaries = {name: summarize(log) for name, log in logs.items()}
     labels = sorted({label for summary in summaries.values() for label in summary})
-    return ["", "## Clipping of cores with and without a canary (median norm / median clip scale, all steps)", "",
-            "A core's label is the largest insertion count among its canaries. Clipping can only curb "
-            "memorization if canary cores get a clearly smaller scale than the others.", "",
-            core_markdown_table(summaries, labels)]
+    lines = ["", "## Clipping of cores with and without a canary (median norm / median clip scale, all steps)", "",
+             "A core's label is the largest insertion count among its canaries. Clipping can only curb "
+             "memorization if canary cores get a clearly smaller scale than the others."]
+    if r:
+        lines += ["", "r (a canary's median per-example gradient norm over a normal utterance's, on the pre-trained "
+                  "model, canary_gradients.json): " + ", ".join(f"x{c}: {v:.3g}" for c, v in sorted(r.items())) + "."]
+    return lines + ["", core_markdown_table(summaries, labels, r=r, per_core=per_core if r else None)]
 
 
 def _extrapolated_loss_exposure(exp: Path, name: str, seeds: list[str], canaries: Path, holdout: Path) -> dict:
@@ -298,10 +336,24 @@ def main(argv=None) -> int:
     for name in ("--exp", "--canaries", "--holdout", "--quantiles"):
         sc.add_argument(name, required=True, type=Path)
     sc.add_argument("--commands", type=Path, help="file of the driver commands that trained the runs")
+    sc.add_argument("--pretrain", type=Path, help="the pre-trained model's save folder (checks canary_gradients.json)")
+    cur = sub.add_parser("r-current", help="exit 0 when canary_gradients.json is of these canaries and checkpoint")
+    cur.add_argument("json", type=Path)
+    for name in ("--canaries", "--pretrain"):
+        cur.add_argument(name, required=True, type=Path)
+    pcs = sub.add_parser("per-core-values", help="print the study's per-core batch sizes B")
+    pcs.add_argument("study")
     args = p.parse_args(argv)
+    if args.command == "r-current":  # a question, not a command that can fail: 1 means "measure again"
+        try:
+            return 0 if canary_gradient_ratios(args.json, args.canaries, args.pretrain) is not None else 1
+        except (OSError, ValueError, KeyError):
+            return 1
     try:
         study = load_study(args.study)
-        if args.command == "get":
+        if args.command == "per-core-values":
+            print(*sorted({int(cfg["per_core"]) for cfg in study["configs"].values()}))
+        elif args.command == "get":
             print(study[args.key])
         elif args.command == "quantiles-needed":
             for b, reduction in needed_quantiles(study):
@@ -311,7 +363,8 @@ def main(argv=None) -> int:
                 for name in study["configs"]:
                     print(name, seed, *run_overrides(study, name, args.quantiles))
         else:
-            print(score(study, args.exp, args.canaries, args.holdout, args.quantiles, args.commands).read_text())
+            print(score(study, args.exp, args.canaries, args.holdout, args.quantiles, args.commands,
+                        args.pretrain).read_text())
     except (OSError, ValueError, KeyError) as err:
         print(f"privasr.study: error: {err}", file=sys.stderr)
         return 2

@@ -117,7 +117,7 @@ def test_ledger_would_exceed_next_epoch():
 
 
 def cli(*args):
-    cmd = [sys.executable, "-m", "tools.accountant", *args]
+    cmd = [sys.executable, "-m", "privasr.cli.accountant", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 

@@ -102,7 +102,7 @@ def test_make_canaries_end_to_end(tiny_mini_tts, tmp_path, monkeypatch):
 
 @requires_tts
 def test_cli_writes_outputs_and_reports_ms_per_char(tiny_mini_tts, tmp_path):
-    proc = run_privasr_cli("tools.make_canaries", "--out", tmp_path / "c", "--train-in", tiny_mini_tts["train"],
+    proc = run_privasr_cli("privasr.cli.make_canaries", "--out", tmp_path / "c", "--train-in", tiny_mini_tts["train"],
                            "--train-out", tmp_path / "train_wc.csv", "--counts", "2", "--per-count", "1",
                            "--holdout", "2", "--seed", "3")
     assert proc.returncode == 0, proc.stderr
@@ -111,10 +111,10 @@ def test_cli_writes_outputs_and_reports_ms_per_char(tiny_mini_tts, tmp_path):
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path):
-    assert_one_line_error(run_privasr_cli("tools.make_canaries", "--out", tmp_path), "need a vocabulary")
-    assert_one_line_error(run_privasr_cli("tools.make_canaries", "--out", tmp_path, "--vocab", tmp_path / "no.txt"),
+    assert_one_line_error(run_privasr_cli("privasr.cli.make_canaries", "--out", tmp_path), "need a vocabulary")
+    assert_one_line_error(run_privasr_cli("privasr.cli.make_canaries", "--out", tmp_path, "--vocab", tmp_path / "no.txt"),
                           "no.txt: file not found")
     (tmp_path / "v.txt").write_text("A\nB\nC\n")
-    assert_one_line_error(run_privasr_cli("tools.make_canaries", "--out", tmp_path, "--vocab", tmp_path / "v.txt",
+    assert_one_line_error(run_privasr_cli("privasr.cli.make_canaries", "--out", tmp_path, "--vocab", tmp_path / "v.txt",
                                           "--counts", "0"), "--counts: expected an integer >= 1, got 0")
-    assert_one_line_error(run_privasr_cli("tools.make_canaries", "--out", tmp_path, "--per-count", "x"), "--per-count")
+    assert_one_line_error(run_privasr_cli("privasr.cli.make_canaries", "--out", tmp_path, "--per-count", "x"), "--per-count")

@@ -1,10 +1,12 @@
 """The mitigation-study driver end to end in its quick configuration, and its planning rules."""
+import json
 import os
 import subprocess
 
 import pytest
 
-from privasr.study import load_study, needed_quantiles, run_overrides
+from privasr.core_log import predicted_weight_ratio
+from privasr.study import canary_gradient_ratios, load_study, needed_quantiles, run_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY = os.path.join(ROOT, "egs", "mini_tts", "conf", "study.yaml")
@@ -55,7 +57,14 @@ def test_quick_study_end_to_end(tmp_path):
     assert "## Exposure ranked by loss, extrapolated" in report
     assert "| pcc_B2_p10 − baseline |" in report.split("### Change from the reference (CER), paired by seed")[1]
     assert (tmp_path / "exp" / "pcc_B2_p10" / "seed1" / "exposure_score_extrapolation.json").exists()
-    assert "| pec_p50 |" in report.split("## Clipping of cores")[1]
+    cores = report.split("## Clipping of cores")[1]
+    assert "| pec_p50 |" in cores
+    # r measured on the pre-trained model for these canaries, its prediction beside the measured clip scales
+    r = json.loads((tmp_path / "exp" / "canary_gradients.json").read_text())
+    assert set(r["by_insertions"]) == {"1", "4"} and "predicted from r" in cores
+    pcc_row = next(line for line in cores.splitlines() if line.startswith("| pcc_B2_p10 |"))
+    predicted = predicted_weight_ratio(r["by_insertions"]["4"]["r_median"], 2)
+    assert pcc_row.rstrip(" |").endswith(f"{predicted:.3g}")  # x1 / x4: the last cell is x4's at B = 2
     assert (tmp_path / "exp" / "core_stats.png").stat().st_size > 1000
     # the exact driver command that trained the runs, for re-running the grid
     assert "run_study.sh --quick true --jobs 2" in report.split("## Commands that trained these runs")[1]
@@ -67,6 +76,7 @@ def test_quick_study_end_to_end(tmp_path):
                                     "--configs", "baseline"], capture_output=True, text=True, timeout=600)
     assert variant.returncode == 0, variant.stdout[-3000:] + variant.stderr[-3000:]
     assert "pre-training already done" in variant.stdout
+    assert json.loads((tmp_path / "exp" / "rare" / "canary_gradients.json").read_text())["canaries"]["n"] == 2
     assert sorted(os.listdir(tmp_path / "exp" / "pretrain" / "save")) == pretrain_ckpts
     rare = (tmp_path / "exp" / "rare" / "RESULTS.md").read_text()
     assert "| baseline |" in rare and "| pcc_B2_p10 |" not in rare  # --configs selects the grid's rows
@@ -85,3 +95,18 @@ def test_quick_study_end_to_end(tmp_path):
                                   "--variant_corpus_args", "--num-train 150 --num-dev 20 --num-test 20",
                                   "--configs", "baseline"], capture_output=True, text=True, timeout=600)
     assert other.returncode != 0 and "holds a run made with other settings (data.canaries_csv: " in other.stdout
+
+
+def test_r_of_other_canaries_is_refused(tmp_path):
+    """canary_gradients.json is read only for the canaries it measured (their bytes), r per insertion count."""
+    from privasr.provenance import file_digest
+
+    canaries, record = tmp_path / "canaries.csv", tmp_path / "canary_gradients.json"
+    canaries.write_text("ID,duration,wav,spk_id,wrd,insertions\nc1,1.0,a.wav,s,A B,1\n")
+    record.write_text(json.dumps({"canaries_sha256": file_digest(canaries), "by_insertions": {
+        "1": {"r_median": 1.5}, "4": {"r_median": None}}}))
+    assert canary_gradient_ratios(record, canaries) == {1: 1.5}
+    assert canary_gradient_ratios(tmp_path / "absent.json", canaries) is None
+    canaries.write_text(canaries.read_text().replace("A B", "C D"))  # remade canaries: same IDs, new words
+    with pytest.raises(ValueError, match="measured on other canaries"):
+        canary_gradient_ratios(record, canaries)

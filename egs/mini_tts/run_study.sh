@@ -11,7 +11,7 @@
 #       --canary_args "--per-count 2 --holdout 4000" --configs "baseline_ft1 pcc_B2_p10_ft1"
 #       # canary rarity: a larger fine-tuning corpus (data_study_rare10k) and fewer canaries, same pre-training
 # Stages: 0 corpus, 1 manifests, 2 canaries (holdout 4,000), 3 tokenizer, 4 pre-train,
-#         5 norm quantiles, 6 fine-tune grid, 7 decode, 8 score.
+#         5 norm quantiles and canary gradient ratios r, 6 fine-tune grid, 7 decode, 8 score.
 cd "$(dirname "$0")"
 recipe=recipes/mini_tts/ASR/conformer
 hparams=hparams/conformer_ctc.yaml
@@ -22,7 +22,7 @@ study=conf/study.yaml               # the grid: configurations, seeds, epochs
 data=data_study
 exp=exp_study
 stop_stage=8
-stages_help="0 corpus, 1 manifests, 2 canaries, 3 tokenizer, 4 pre-train, 5 norm quantiles, 6 fine-tune grid, 7 decode, 8 score"
+stages_help="0 corpus, 1 manifests, 2 canaries, 3 tokenizer, 4 pre-train, 5 norm quantiles and r, 6 fine-tune grid, 7 decode, 8 score"
 last_stage=8; seeds_may_be_empty=true
 configs=""        # empty: every configuration of $study
 corpus_args=""    # empty: the variant's (full or quick) corpus size
@@ -78,6 +78,21 @@ stage_quantiles() {
       ${vocab_size:+--vocab_size "$vocab_size"} ${tokenizer_type:+--tokenizer_type "$tokenizer_type"} < /dev/null 2>> "$exp/quantiles.log" \
       | sed 's/^/    /' || die "measuring norm quantiles failed; see $exp/quantiles.log"
   done
+}
+
+stage_canary_gradients() {  # r, a canary's per-example gradient norm over a normal one's, on the pre-trained model
+  local out="$runs/canary_gradients.json"
+  mkdir -p "$runs"
+  if study_py r-current "$out" --canaries "$canaries/canaries.csv" --pretrain "$exp/pretrain/save"; then
+    log "canary gradient ratios r already measured ($out)"; return
+  fi
+  # shellcheck disable=SC2046
+  privasr-canary-gradients "$PRIVASR_ROOT/$recipe/$hparams" --canaries "$canaries/canaries.csv" \
+    --normal-csv "$data/train.csv" --per-core $(study_py per-core-values "$study") --json "$out" -- \
+    --output_folder "$exp/pretrain" --data_folder "$data" --tokenizer_dir "$data/tokenizer" \
+    --train_csv "$data/train.csv" $train_args \
+    ${vocab_size:+--vocab_size "$vocab_size"} ${tokenizer_type:+--tokenizer_type "$tokenizer_type"} < /dev/null \
+    2>> "$exp/canary_gradients.log" | sed 's/^/    /' || die "measuring canary gradient ratios failed; see $exp/canary_gradients.log"
 }
 
 planned_runs() {  # "name seed overrides..." of the selected configurations and seeds
@@ -145,11 +160,13 @@ if in_stage 2 "canaries ($canary_args) in $finetune_data/train.csv -> $canaries"
 fi
 if in_stage 3 "tokenizer"; then stage_tokenizer; fi
 if in_stage 4 "pre-train without canaries"; then stage_pretrain; fi
-if in_stage 5 "per-core norm quantiles of the pre-trained model"; then stage_quantiles; fi
+if in_stage 5 "per-core norm quantiles and canary gradient ratios r of the pre-trained model"; then
+  stage_quantiles; stage_canary_gradients
+fi
 if in_stage 6 "fine-tune the grid with canaries ($jobs at a time) -> $runs"; then stage_finetune; fi
 if in_stage 7 "decode"; then stage_decode_grid; fi
 if in_stage 8 "score -> $runs/RESULTS.md"; then
   study_py score "$study" --exp "$runs" --commands "$runs/commands.txt" --canaries "$canaries/canaries.csv" \
-    --holdout "$canaries/holdout.csv" --quantiles "$exp/quantiles"
+    --holdout "$canaries/holdout.csv" --quantiles "$exp/quantiles" --pretrain "$exp/pretrain/save"
 fi
 log "done (stages $stage..$stop_stage)"

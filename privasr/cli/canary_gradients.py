@@ -56,6 +56,7 @@ from privasr.cli import CliParser, nonnegative_int, output_file, positive_int, r
 from privasr.cli.norm_quantiles import check_trained_run, load_brain, resolved_hparams
 from privasr.core_log import predicted_weight_ratio
 from privasr.faults import UserError
+from privasr.provenance import file_digest
 
 PROG = "privasr-canary-gradients"
 QUANTILES = (0.1, 0.5, 0.9)
@@ -275,6 +276,7 @@ def _main(argv: Sequence[str] | None) -> None:
     print(markdown(result, args.per_core))
     if args.json:
         record = {**checkpoint_record(save_folder), "canaries_csv": os.path.abspath(canaries_csv),
+                  "canaries_sha256": file_digest(canaries_csv),  # what was measured: the bytes, not the path
                   "normal_csv": os.path.abspath(normal_csv), "normal_requested": args.normal, "seed": args.seed,
                   "loss_reduction": hparams.get("loss_reduction"), **result,
                   "norms": {"canaries": {k: _finite_or_none(v) for k, v in canary_norms.items()},

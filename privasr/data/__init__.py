@@ -12,9 +12,7 @@ that completed with the same parameters is not run again (idempotent, resumable 
 resuming never mixes two runs.
 
 The command-line convention (``CliParser``, ``run_cli``, the argument types, ``check_output_file``)
-lives in :mod:`privasr.cli`; ``CliParser`` and ``run_cli`` are re-exported here for the corpus
-modules' command lines (``privasr.data.mini_tts``, ``.librispeech``, ``.librilight``) and
-``privasr.ssl.results``, which still import them from ``privasr.data``.
+lives in :mod:`privasr.cli`.
 
 The corpus modules are not imported here, so that ``python -m privasr.data.mini_tts`` runs
 cleanly.
@@ -27,8 +25,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-# re-exported for the modules that still import them from here (to be switched to privasr.cli, then dropped)
-from privasr.cli import CliParser, run_cli  # noqa: F401
 
 __all__ = ["is_done", "mark_done", "claim_dir", "audio_durations"]
 

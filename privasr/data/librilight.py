@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from privasr.data import CliParser, audio_durations, is_done, mark_done, run_cli
+from privasr.cli import CliParser, run_cli
+from privasr.data import audio_durations, is_done, mark_done
 from privasr.data.manifest import Utterance, write_manifest
 
 __all__ = ["prepare_librilight", "find_audio"]

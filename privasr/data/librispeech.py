@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from privasr.data import CliParser, audio_durations, is_done, mark_done, run_cli
+from privasr.cli import CliParser, run_cli
+from privasr.data import audio_durations, is_done, mark_done
 from privasr.data.manifest import Utterance, read_manifest, write_manifest
 
 __all__ = ["prepare_librispeech", "write_recipe_manifests", "find_split", "read_transcripts", "DEFAULT_SPLITS"]

@@ -30,7 +30,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from privasr.data import CliParser, claim_dir, is_done, mark_done, run_cli
+from privasr.cli import CliParser, run_cli
+from privasr.data import claim_dir, is_done, mark_done
 from privasr.data.manifest import Utterance, lexicon, write_lexicon, write_manifest
 from privasr.data.text_source import split_sentences
 from privasr.tts import SAMPLE_RATE, SynthesisJob, Voice, synthesize_many

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from privasr.data import CliParser, run_cli
+from privasr.cli import CliParser, run_cli
 from privasr.metrics import wer
 
 __all__ = ["read_wer", "results_markdown", "write_results"]
