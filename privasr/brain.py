@@ -25,7 +25,8 @@ Subclasses implement two methods for training (evaluation keeps SpeechBrain's
 
 Hyper-parameters read from ``hparams`` (all declared in the recipe YAML):
 ``clipping``, ``clip_bound``, ``virtual_cores``, ``reduction``, ``core_grad_mode``
-(``vmap`` | ``loop``), ``log_every_n_steps``, ``tensorboard_dir`` (optional),
+(``loop`` | ``vmap`` | ``ghost``: see :func:`privasr.private_step.accumulate_cores`; ghost needs
+:meth:`PrivateBrain.shard_loss_reduction`), ``log_every_n_steps``, ``tensorboard_dir`` (optional),
 ``core_log_dir`` (optional: each core's norm, clip scale and :meth:`shard_labels` label
 per step, see :mod:`privasr.core_log`), and SpeechBrain's ``nonfinite_patience``, ``ckpt_interval_minutes`` / ``ckpt_interval_steps``.
 
@@ -311,6 +312,12 @@ class PrivateBrain(sb.Brain):
         if self.optimizer_step_limit is not None:  # "3" from the command line: sb.Brain would compare int >= str
             self.optimizer_step_limit = _step_limit(self.optimizer_step_limit)
         self.clip_config = ClippingConfig.from_hparams(self.hparams)
+        if self.clip_config.core_grad_mode == "ghost" and type(self).fit_batch is not PrivateBrain.fit_batch:
+            # ghost lives in the per-core step (_accumulate_cores); a Brain with its own fit_batch
+            # (DPSGDBrain) would otherwise run another mode under the name 'ghost'
+            raise ValueError(f"core_grad_mode 'ghost' is implemented by PrivateBrain's per-core step; "
+                             f"{type(self).__name__} trains with its own fit_batch, which does not use it: "
+                             f"choose loop or vmap")
         self._accumulator: Optional[CoreAccumulator] = None
         self._tb_writer = None
         self.counters = RunCounters()
@@ -370,6 +377,17 @@ class PrivateBrain(sb.Brain):
         durations = [float(dataset.data[uid]["duration"]) for uid in dataset.data_ids]
         return DurationBucketSampler(durations, int(loader_kwargs["batch_size"]), windows, self._seed(),
                                      world_info()[1])
+
+    def shard_loss_reduction(self) -> Optional[str]:
+        """How :meth:`shard_loss` reduces over a shard's examples: ``"mean"`` (the default) or ``"sum"``.
+
+        Read by ``core_grad_mode: ghost``, which runs every core in ONE forward of the batch and
+        needs the batch's loss to be the sum of the cores' losses; that holds when the shard loss
+        is the mean (or the sum) over its examples of a per-example loss. A recipe whose loss is
+        neither (e.g. a mean over frames pooled across the shard's examples) returns ``None``, and
+        ghost is refused with an error; loop and vmap do not use this.
+        """
+        return "mean"
 
     def trim_shard(self, *tensors) -> tuple:
         """Optional: a core's tensors without the padding it does not need (``trim_shards: true``, loop mode).
@@ -443,7 +461,7 @@ class PrivateBrain(sb.Brain):
             logger.warning(message)
         trim = self.trim_shard if getattr(self.hparams, "trim_shards", False) else None
         return accumulate_cores(self._accumulator, self.modules, self.shard_loss, tensors, num_shards,
-                                self.clip_config.core_grad_mode, trim)
+                                self.clip_config.core_grad_mode, trim, self.shard_loss_reduction())
 
     def _apply_step(self) -> None:
         grads, stats = self._accumulator.reduce()

@@ -42,33 +42,65 @@ import torch
 
 from privasr.clipping import METHODS, AggregationStats, check_method
 from privasr.distributed import ALLREDUCE_DTYPES, CoreAccumulator, broadcast_parameters
+from privasr.ghost import accumulate as ghost_accumulate
+from privasr.ghost import summed_shard_loss
 from privasr.per_sample import ShardLoss, shard_grads_loop, shard_grads_vmap, trainable_parameters
 
-__all__ = ["PerCoreClipping", "accumulate_cores", "broadcast_parameters", "STRATEGIES", "CORE_GRAD_MODES"]
+__all__ = ["PerCoreClipping", "accumulate_cores", "broadcast_parameters", "STRATEGIES", "CORE_GRAD_MODES",
+           "LOSS_REDUCTIONS"]
 
 logger = logging.getLogger(__name__)
 
 #: ``method`` names: the aggregation methods of :mod:`privasr.clipping` plus ``pec``.
 STRATEGIES = METHODS + ("pec",)
-#: How per-core gradients are computed (see :mod:`privasr.per_sample`).
-CORE_GRAD_MODES = ("loop", "vmap")
+#: How per-core gradients are computed: by :mod:`privasr.per_sample` (``loop``, ``vmap``), or
+#: not at all (``ghost``: the cores' norms and clipped sum from one forward and backward of the
+#: batch, :mod:`privasr.ghost`).
+CORE_GRAD_MODES = ("loop", "vmap", "ghost")
+#: How a shard loss reduces over its examples (what ``ghost`` needs to know, see :func:`accumulate_cores`).
+LOSS_REDUCTIONS = ("mean", "sum")
 
 
 def accumulate_cores(accumulator: CoreAccumulator, model: torch.nn.Module, loss_fn: ShardLoss,
                      tensors: Sequence[torch.Tensor], num_shards: int, mode: str = "loop",
-                     trim: Optional[Callable[..., tuple]] = None) -> torch.Tensor:
-    """Split ``tensors`` into ``num_shards`` cores, clip each core's gradient into ``accumulator``.
+                     trim: Optional[Callable[..., tuple]] = None, loss_reduction: Optional[str] = "mean"
+                     ) -> torch.Tensor:
+    r"""Split ``tensors`` into ``num_shards`` cores, clip each core's gradient into ``accumulator``.
 
-    The one loop/vmap dispatch: ``mode="vmap"`` computes every core in one vectorised pass
-    (:func:`privasr.per_sample.shard_grads_vmap`; ``trim`` is not used) when the batch divides
-    evenly into ``num_shards``; otherwise (``"loop"``, or unequal shards) one backward per core
+    The one loop/vmap/ghost dispatch. When the batch divides evenly into ``num_shards``:
+
+    * ``"vmap"`` computes every core's gradient in one vectorised pass
+      (:func:`privasr.per_sample.shard_grads_vmap`; ``trim`` is not used);
+    * ``"ghost"`` forms no per-core gradient: one forward of the whole batch and one backward give
+      every core's norm and the clipped sum (:func:`privasr.ghost.accumulate`, into
+      :meth:`CoreAccumulator.add_clipped_sum`; ``trim`` is not used: padding is inert). A core's
+      norm is exact for any number ``B`` of examples per core (``pec``: ``B = 1``; ``pcc``/``apcc``:
+      a core's layer gradient is the sum over its examples' positions, see :mod:`privasr.ghost`).
+      The batch's loss must be the sum of the cores' losses, so ghost needs ``loss_reduction``:
+      how ``loss_fn`` reduces over a shard's examples, ``"mean"`` or ``"sum"`` of a per-example
+      term (:math:`\sum_c L(\text{core}_c) = (n/B)\,L(\text{batch})` or :math:`L(\text{batch})`,
+      :func:`privasr.ghost.summed_shard_loss`); ``None`` (the loss is neither, e.g. a mean over
+      frames pooled across examples) is refused. Every example's rows must be its own: no
+      batch statistics (BatchNorm) in the model.
+
+    Otherwise (``"loop"``, or unequal shards) one backward per core
     (:func:`privasr.per_sample.shard_grads_loop`), each core added before the next is computed,
     so one gradient copy is alive at a time. Returns the mean over the cores of their losses
     (detached).
     """
     if mode not in CORE_GRAD_MODES:
         raise ValueError(f"unknown core_grad_mode {mode!r}; accepted: {', '.join(CORE_GRAD_MODES)}")
-    if mode == "vmap" and tensors[0].shape[0] % num_shards == 0:
+    if mode == "ghost" and loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"core_grad_mode 'ghost' computes every core in one forward of the batch, so it needs the "
+                         f"shard loss to be the mean or the sum over the shard's examples of a per-example loss "
+                         f"(loss_reduction {' or '.join(map(repr, LOSS_REDUCTIONS))}), got {loss_reduction!r}; "
+                         f"use core_grad_mode loop or vmap")
+    divisible = tensors[0].shape[0] % num_shards == 0
+    if mode == "ghost" and divisible:
+        summed = summed_shard_loss(loss_fn, tensors[0].shape[0] // num_shards, loss_reduction)
+        _, total = ghost_accumulate(accumulator, model, summed, tensors, num_shards)
+        return total / num_shards  # the sum over the cores of their losses -> their mean
+    if mode == "vmap" and divisible:
         grads, losses = shard_grads_vmap(model, loss_fn, tensors, num_shards)
         accumulator.add_cores(grads)
         return losses.mean()
@@ -112,10 +144,14 @@ class PerCoreClipping:
         virtual_cores: :math:`K`, the cores each process emulates per :meth:`backward` call (its
             batch is split into ``K`` contiguous shards). ``pec`` uses one core per example instead.
         reduction: ``mean`` (divide by the cores kept) or ``sum`` (Algorithm 1).
-        core_grad_mode: ``loop`` (one backward per core, one gradient copy in memory) or ``vmap``
+        core_grad_mode: ``loop`` (one backward per core, one gradient copy in memory), ``vmap``
             (all cores of a call in one vectorised pass; ``loss_fn`` must then be ``torch.func``
-            compatible: no ``.item()``, no in-place update of parameters or buffers; a batch that
-            does not divide into ``K`` falls back to the loop).
+            compatible: no ``.item()``, no in-place update of parameters or buffers) or ``ghost``
+            (no per-core gradient at all: norms and the clipped sum from one forward and backward
+            of the batch, see :func:`accumulate_cores`); a batch that does not divide into ``K``
+            falls back to the loop.
+        loss_reduction: how ``loss_fn`` reduces over a shard's examples, ``mean`` or ``sum`` of a
+            per-example loss (``ghost`` only; see :func:`accumulate_cores`).
         allreduce_dtype: ``"float32"`` (exact) or ``"bfloat16"`` (half the bytes, 8 significant bits)
             for the cross-process sum of the clipped gradients, see :class:`CoreAccumulator`.
         broadcast: copy rank 0's parameters and buffers to every process now (what DDP does when it
@@ -131,7 +167,7 @@ class PerCoreClipping:
 
     def __init__(self, model: torch.nn.Module, method: str, bound: Optional[float] = None, virtual_cores: int = 1,
                  reduction: str = "mean", core_grad_mode: str = "loop", allreduce_dtype="float32",
-                 broadcast: bool = True):
+                 broadcast: bool = True, loss_reduction: str = "mean"):
         if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             raise ValueError("PerCoreClipping needs the bare model, not a DistributedDataParallel/DataParallel wrapper:"
                              " DDP all-reduces the unclipped gradients during backward; pass model.module and let "
@@ -148,13 +184,16 @@ class PerCoreClipping:
                              f"got {virtual_cores!r}")
         if core_grad_mode not in CORE_GRAD_MODES:
             raise ValueError(f"unknown core_grad_mode {core_grad_mode!r}; accepted: {', '.join(CORE_GRAD_MODES)}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"unknown loss_reduction {loss_reduction!r} (how loss_fn reduces over a shard's "
+                             f"examples); accepted: {', '.join(LOSS_REDUCTIONS)}")
         allreduce_dtype = ALLREDUCE_DTYPES.get(allreduce_dtype, allreduce_dtype)  # a name or a torch.dtype
         if allreduce_dtype not in ALLREDUCE_DTYPES.values():
             raise ValueError(f"unknown allreduce_dtype {allreduce_dtype!r}; accepted: {', '.join(ALLREDUCE_DTYPES)}")
         self.model, self.method, self.bound = model, method, bound
         virtual_cores = int(virtual_cores)
         self.virtual_cores, self.reduction, self.core_grad_mode = virtual_cores, reduction, core_grad_mode
-        self.allreduce_dtype = allreduce_dtype
+        self.allreduce_dtype, self.loss_reduction = allreduce_dtype, loss_reduction
         self.params = [p for _, p in trainable_parameters(model)]
         if not self.params:
             raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
@@ -206,7 +245,7 @@ class PerCoreClipping:
             self._accumulator = CoreAccumulator(self.params, self.aggregation, self.bound, self.reduction,
                                                 self.allreduce_dtype)
         return accumulate_cores(self._accumulator, self.model, _scalar_loss(loss_fn), tensors, cores,
-                                self.core_grad_mode, trim)
+                                self.core_grad_mode, trim, self.loss_reduction)
 
     def reduce(self, group=None) -> AggregationStats:
         """End the step: one all_reduce across processes, then ``p.grad`` = the update.

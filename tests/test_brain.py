@@ -134,3 +134,31 @@ def test_two_optimizer_param_groups_are_clipped_as_one_gradient(method, bound):
     got = fit_toy_brain(brain, batches_of(8))
     assert len(brain.optimizer.param_groups) == 2
     assert torch.allclose(got, reference_params(method, bound, 4), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, bound", [("pec", 20.0), ("pcc", 15.0), ("apcc", None)])
+def test_ghost_core_grads_equal_vmap_and_the_reference(method, bound):
+    """core_grad_mode ghost (no per-core gradients) trains like vmap: pec (one example per core) and
+    pcc/apcc with 4 cores of B = 2 examples each; the logged loss is the mean of the cores' losses too."""
+    brains = {mode: make_toy_brain(hparams(method, bound, 4, mode), lr=LR) for mode in ("ghost", "vmap")}
+    got = {mode: fit_toy_brain(brain, batches_of(8)) for mode, brain in brains.items()}
+    assert torch.allclose(got["ghost"], got["vmap"], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got["ghost"], reference_params(method, bound, 8 if method == "pec" else 4),
+                          rtol=1e-5, atol=1e-6)
+    assert brains["ghost"].avg_train_loss == pytest.approx(brains["vmap"].avg_train_loss, rel=1e-6)
+    stats = {mode: brain.last_stats for mode, brain in brains.items()}
+    assert torch.allclose(stats["ghost"].core_norms, stats["vmap"].core_norms, rtol=1e-5)
+    if method != "apcc":  # the bound clips some cores and not others, so the comparison means something
+        assert 0 < stats["ghost"].clipped_fraction < 1
+
+
+def test_ghost_is_refused_by_a_brain_with_its_own_training_step():
+    from privasr.brain import PrivateBrain
+
+    class OwnStep(PrivateBrain):  # like DPSGDBrain: fit_batch replaced, the per-core step unused
+        def fit_batch(self, batch):
+            raise AssertionError("not reached")
+
+    with pytest.raises(ValueError, match="'ghost' is implemented by PrivateBrain's per-core step; OwnStep trains"):
+        OwnStep(modules={"model": toy_model()}, opt_class=lambda p: torch.optim.SGD(p, lr=LR),
+                hparams=hparams("pec", 3.0, 1, "ghost"), run_opts={"device": "cpu"})

@@ -18,7 +18,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plain_pytorch_pcc.
 # bounds between the per-core (pcc: 4 cores of 2) and per-example (pec) norms of the toy batch, as in
 # test_ddp_equivalence / test_brain, so that clipping bites on some cores and not on others
 CASES = [("none", None), ("global", 1.0), ("pcc", 5.0), ("apcc", None), ("pec", 3.0)]
-CONFIGS = [(m, b, r, mode) for (m, b), r, mode in itertools.product(CASES, ["mean", "sum"], ["loop", "vmap"])]
+CONFIGS = [(m, b, r, mode) for (m, b), r, mode in itertools.product(CASES, ["mean", "sum"], ["loop", "vmap", "ghost"])]
 CORES = 4
 
 
@@ -77,7 +77,7 @@ def test_gradient_accumulation_adds_cores(method, bound):
     assert stats.bound == pytest.approx(ref_stats.bound) and stats.num_cores == ref_stats.num_cores
 
 
-@pytest.mark.parametrize("mode", ["loop", "vmap"])
+@pytest.mark.parametrize("mode", ["loop", "vmap", "ghost"])
 def test_a_nan_core_is_dropped_and_an_all_nan_step_is_skipped(mode):
     x, y = toy_batch()
     x = x.clone()
@@ -108,6 +108,38 @@ def test_a_step_starts_afresh_after_reduce():
     assert clip.reduce().num_cores == 2
     expected, _ = reference("pcc", 5.0, "mean", x[:4], y[:4], 2)
     assert_close(flat(p.grad for p in model.parameters()), flat(expected), "second step")
+
+
+def test_ghost_with_a_summed_shard_loss_equals_the_loop():
+    """loss_reduction='sum' (a shard loss summing its examples' losses): ghost scales the batch loss as it must."""
+    from privasr.distributed import CoreAccumulator
+    from privasr.private_step import accumulate_cores
+
+    x, y = toy_batch()
+    results = {}
+    for mode in ("loop", "ghost"):
+        model = toy_model()
+        acc = CoreAccumulator(list(model.parameters()), "pcc", 5.0)
+        loss = accumulate_cores(acc, model, lambda xs, ys: ((model(xs) - ys) ** 2).sum(), (x, y), CORES, mode,
+                                loss_reduction="sum")
+        grads, stats = acc.reduce()
+        results[mode] = flat(grads), stats, float(loss)
+    (expected, ref_stats, ref_loss), (got, stats, loss) = results["loop"], results["ghost"]
+    assert_close(got, expected, "sum")
+    assert torch.allclose(stats.core_norms, ref_stats.core_norms, rtol=1e-6) and 0 < stats.clipped_fraction < 1
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+
+
+def test_ghost_refuses_a_loss_that_is_not_per_example():
+    from privasr.distributed import CoreAccumulator
+    from privasr.private_step import accumulate_cores
+
+    model, (x, y) = toy_model(), toy_batch()
+    acc = CoreAccumulator(list(model.parameters()), "pcc", 5.0)
+    with pytest.raises(ValueError, match="core_grad_mode 'ghost' .* got None; use core_grad_mode loop or vmap"):
+        accumulate_cores(acc, model, mse_loss_fn(model), (x, y), CORES, "ghost", loss_reduction=None)
+    with pytest.raises(ValueError, match="unknown loss_reduction 'frames'"):
+        PerCoreClipping(model, "pcc", 5.0, core_grad_mode="ghost", loss_reduction="frames")
 
 
 # -- bad input: one clear error each ------------------------------------------------------------------------
@@ -155,16 +187,18 @@ def test_bad_calls_are_refused():
 
 
 # -- two real gloo processes x 2 virtual cores = 1 process x 4 cores = the reference ---------------------------
-# Loop mode only: the cross-process reduce does not depend on how the cores were computed (vmap = loop is
-# tested above), and a process's first vmap call imports torch._dynamo (3-6 s per process on 2 cores).
-LOOP_CONFIGS = [config for config in CONFIGS if config[3] == "loop"]
+# Loop mode, and ghost for the clipping methods (its cores enter the reduce through add_clipped_sum): the
+# cross-process reduce does not depend otherwise on how the cores were computed (vmap = loop is tested above),
+# and a process's first vmap call imports torch._dynamo (3-6 s per process on 2 cores).
+TWO_PROCESS_CONFIGS = [config for config in CONFIGS if config[3] == "loop" or (
+    config[3] == "ghost" and config[0] in ("pcc", "apcc", "pec") and config[2] == "mean")]
 
 
 def _worker(rank, world_size, out_path):
     x, y = toy_batch()
     half = slice(rank * 4, rank * 4 + 4)
     mine = (x[half], y[half])
-    results = {config: private_update(*config, [mine], CORES // world_size)[0] for config in LOOP_CONFIGS}
+    results = {config: private_update(*config, [mine], CORES // world_size)[0] for config in TWO_PROCESS_CONFIGS}
     results["accumulation"] = private_update("apcc", None, "mean", "loop", [(mine[0][:2], mine[1][:2]),
                                                                              (mine[0][2:], mine[1][2:])], 1)[0]
     torch.manual_seed(rank)  # every rank its own initialisation: the constructor broadcasts rank 0's
@@ -184,7 +218,7 @@ def test_two_processes_equal_one_process_and_the_reference_and_the_example_runs(
     run_processes(_worker, 2, out)
     per_rank = [torch.load(f"{out}.{r}") for r in range(2)]
     x, y = toy_batch()
-    for method, bound, reduction, mode in LOOP_CONFIGS:
+    for method, bound, reduction, mode in TWO_PROCESS_CONFIGS:
         expected = flat(reference(method, bound, reduction, x, y, x.shape[0] if method == "pec" else CORES)[0])
         for rank in (0, 1):
             assert_close(per_rank[rank][(method, bound, reduction, mode)], expected, (method, reduction, mode, rank))

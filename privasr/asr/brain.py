@@ -87,6 +87,10 @@ class ASRBrain(PrivateBrain):
         out, out_lens = self._forward_features(feats, feat_lens, tokens)
         return self.modules.model.loss(out, out_lens, tokens, token_lens, reduction=self.hparams.loss_reduction)
 
+    def shard_loss_reduction(self):
+        """``loss_reduction`` (mean: of each utterance's loss per token; sum), for ``core_grad_mode: ghost``."""
+        return self.hparams.loss_reduction
+
     def _forward_features(self, feats, feat_lens, tokens):
         if self.hparams.model_kind == "transducer":
             return self.modules.model.forward_features(feats, feat_lens, tokens)
