@@ -32,6 +32,7 @@ setup(
             "privasr-bench=privasr.cli.bench_clipping:main",
             "privasr-bench-dp=privasr.cli.bench_dp:main",
             "privasr-bench-recipe=privasr.cli.bench_recipe:main",
+            "privasr-bench-ghost=privasr.cli.bench_ghost:main",
             "privasr-canary-gradients=privasr.cli.canary_gradients:main",
             "privasr-canaries=privasr.cli.make_canaries:main",
             "privasr-exposure=privasr.cli.score_exposure:main",

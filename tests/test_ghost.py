@@ -338,3 +338,16 @@ def test_bad_input_is_refused_with_a_clear_error():
 
     with pytest.raises(RuntimeError, match="modified in place"):
         ghost_pass(model, in_place, tensors)
+
+
+# -- privasr-bench-ghost ----------------------------------------------------------------------------------
+def test_bench_ghost_cells_run_and_bad_input_is_one_line(capsys):
+    """The benchmark's cells run the real step (tiny model, 2 utterances); bad input: one line, status 2."""
+    from privasr.cli.bench_ghost import main, markdown, run_cell
+
+    rows = [run_cell(mode, "tiny", 2, 0.3, 1, 0) for mode in ("none", "loop", "ghost")]
+    assert [r["mode"] for r in rows] == ["none", "loop", "ghost"] and all(r["time_s"] > 0 for r in rows)
+    assert markdown(rows).count("\n") == 4
+    assert main(["--repeats", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["privasr-bench-ghost: error: argument --repeats: expected an integer >= 1, got 0 (see --help)"], err
