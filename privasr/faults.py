@@ -1,310 +1,39 @@
-"""Bad input and failed runs as one clear line: the errors a recipe's ``train.py`` reports.
+"""Kept only for old imports: ``from privasr.faults import ...`` and ``python -m privasr.faults check-overrides``.
 
-A recipe wraps its ``main`` with :func:`run_cli`; every problem the user can fix is a
-:class:`UserError` (or becomes one at the boundary where input is read) and ends the
-process with ``train.py: error: <one line>`` on stderr and exit status 2, before anything
-is written. A run that diverges (:class:`NonFiniteGradientsError`) ends the same way
-with status 1; its checkpoints are complete (:mod:`privasr.resume`). ``PRIVASR_DEBUG=1``
-in the environment re-raises instead, for a traceback.
+Its contents moved to modules named for what they hold; import from those:
 
-:func:`parse_arguments` and :func:`load_hparams` read the command line and the YAML:
-an override key the YAML does not define is refused with the closest known key
-(``--virtual_core`` -> ``did you mean --virtual_cores?``), and an override whose type
-does not match the YAML's value is refused before anything is built
-(``--virtual_cores abc``: ``expects an integer``).
+* :class:`~privasr.errors.UserError`, :class:`~privasr.errors.NonFiniteGradientsError` -- :mod:`privasr.errors`;
+* :func:`~privasr.cli.run_cli` and :func:`~privasr.cli.one_line` -- :mod:`privasr.cli` (one runner for the
+  tools and the recipes; a recipe passes ``user_errors=RECIPE_ERRORS, interrupted_hint=RESUME_HINT``);
+* :func:`~privasr.cli.hparams.parse_arguments`, :func:`~privasr.cli.hparams.load_hparams`,
+  :func:`~privasr.cli.hparams.check_overrides`, ``resolved_values``, ``yaml_defaults``, ``recipe_help`` and the
+  ``check-overrides`` command -- :mod:`privasr.cli.hparams`.
+
+:func:`run_cli` here keeps the recipes' old behaviour (only a :class:`UserError` is one line and status 2,
+warnings to stdout until the recipe sets up logging) for callers not yet moved.
 """
 from __future__ import annotations
 
-import contextlib
-import difflib
-import io
-import logging
 import os
-import re
 import sys
 from typing import Any, Callable, Optional, Sequence
 
-from ruamel.yaml import YAML, YAMLError
-from ruamel.yaml.constructor import DuplicateKeyError, SafeConstructor
+from privasr.cli import one_line
+from privasr.cli import run_cli as _run_cli
+from privasr.cli.hparams import (RECIPE_ERRORS, RESUME_HINT, check_overrides, check_overrides_main, load_hparams,
+                                 parse_arguments, recipe_help, resolved_values, warnings_to_stdout, yaml_defaults)
+from privasr.errors import NonFiniteGradientsError, UserError
 
 __all__ = ["UserError", "NonFiniteGradientsError", "parse_arguments", "check_overrides", "load_hparams",
-           "one_line", "run_cli"]
-
-
-class UserError(Exception):
-    """A problem with the user's input (command line, YAML, manifests, audio); one line."""
-
-
-class NonFiniteGradientsError(RuntimeError):
-    """Training stopped: too many steps whose every core had a NaN/Inf gradient."""
-
-
-# -- command line ---------------------------------------------------------------------------
-def parse_arguments(argv: Sequence[str]):
-    """``speechbrain.parse_arguments``, with argparse's usage + error turned into a :class:`UserError`.
-
-    ``--help`` prints SpeechBrain's options, then the recipe's own keys with their YAML
-    defaults and meanings (:func:`recipe_help`): those of the YAML given before ``--help``,
-    else of the first YAML in the calling recipe's ``hparams/`` folder.
-    """
-    import speechbrain as sb
-
-    captured, shown = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(shown):
-            return sb.parse_arguments(list(argv))
-    except SystemExit as stop:
-        if stop.code in (0, None):
-            print(shown.getvalue(), end="")
-            if {"-h", "--help"} & set(argv):
-                print(recipe_help(_help_hparams(argv, sys._getframe(1).f_code.co_filename)))
-            raise
-        lines = [line for line in captured.getvalue().splitlines() if ": error: " in line]
-        raise UserError(lines[-1].split(": error: ", 1)[1] if lines else captured.getvalue().strip()) from None
-
-
-def _help_hparams(argv: Sequence[str], caller: str) -> Optional[str]:
-    """The YAML ``--help`` documents: the first argument if it is a file, else the caller's ``hparams/*.yaml``."""
-    if argv and not str(argv[0]).startswith("-") and os.path.isfile(argv[0]):
-        return str(argv[0])
-    folder = os.path.join(os.path.dirname(os.path.abspath(caller)), "hparams")
-    found = sorted(f for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
-    return os.path.join(folder, found[0]) if found else None
-
-
-_KEY_LINE = re.compile(r"^([A-Za-z]\w*):(.*)$")
-_OBJECT_TAGS = ("!new:", "!apply:", "!name:", "!module:", "!include:")
-
-
-def _split_comment(text: str) -> tuple[str, str]:
-    """``value  # comment`` -> ``(value, comment)``; a ``#`` inside quotes or glued to text is not a comment."""
-    quote = None
-    for i, char in enumerate(text):
-        if char in "'\"" and quote in (None, char):
-            quote = None if quote else char
-        elif char == "#" and quote is None and (i == 0 or text[i - 1].isspace()):
-            return text[:i].strip(), text[i + 1:].strip()
-    return text.strip(), ""
-
-
-def recipe_help(hparams_file: Optional[str]) -> str:
-    """The recipe's own options: every top-level YAML key but built objects, default and trailing comment.
-
-    Read from the YAML's text (one line per key; a mapping is shown as ``{key: value, ...}``),
-    under the YAML's one-line section comments.
-    """
-    if not hparams_file:
-        return "recipe options: give the hyper-parameter file first (train.py HPARAMS.yaml --help)"
-    with open(hparams_file, encoding="utf-8") as handle:
-        lines = handle.read().splitlines()
-    out = [f"recipe options (the keys of {hparams_file}; each is --key VALUE, default shown):"]
-    for number, line in enumerate(lines):
-        match = _KEY_LINE.match(line)
-        if line.startswith("# ") and number + 1 < len(lines) and _KEY_LINE.match(lines[number + 1]):
-            out.append(f"\n {line[2:].strip()}:")
-        if not match or match.group(1).startswith("_"):
-            continue
-        value, comment = _split_comment(match.group(2))
-        if value.startswith(_OBJECT_TAGS) or match.group(1) == "modules":  # objects, not options
-            continue
-        if not value:  # a mapping: its indented ``key: value`` lines
-            items = []
-            for inner in lines[number + 1:]:
-                if not inner.startswith((" ", "\t")):
-                    break
-                items.append(_split_comment(inner.strip())[0])
-            value = "{" + ", ".join(items) + "}"
-        value = value.replace("!ref ", "")  # a default computed from other keys: <key> stands for their value
-        out.append(f"  --{match.group(1)} {value}" + (f"\n        {comment}" if comment else ""))
-    return "\n".join(out)
-
-
-# -- hyper-parameters -----------------------------------------------------------------------
-class _Tagged:
-    """Stands for a value built by a HyperPyYAML tag (``!ref``, ``!new:``...): any type."""
-
-
-class _PlainConstructor(SafeConstructor):
-    """YAML 1.2 plain values, as HyperPyYAML reads them; every tagged value is a :class:`_Tagged`."""
-
-
-_PlainConstructor.add_multi_constructor("!", lambda loader, suffix, node: _Tagged())
-
-
-def _plain_yaml(text) -> Any:
-    reader = YAML(typ="safe", pure=True)
-    reader.Constructor = _PlainConstructor
-    return reader.load(text)
-
-
-def yaml_defaults(hparams_file: str) -> dict:
-    """The top-level keys of a HyperPyYAML file and their plain values."""
-    if not os.path.isfile(hparams_file):
-        raise UserError(f"{hparams_file}: hyper-parameter file not found")
-    with open(hparams_file, encoding="utf-8") as handle:
-        try:
-            data = _plain_yaml(handle)
-        except YAMLError as err:
-            raise UserError(f"{hparams_file}: {_yaml_problem(err)}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{hparams_file}: expected a mapping of hyper-parameters")
-    return data
-
-
-def _yaml_problem(err: YAMLError) -> str:
-    mark = getattr(err, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return where + " ".join(str(getattr(err, "problem", None) or err).split())
-
-
-_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _type_ok(default: Any, value: Any) -> bool:
-    if isinstance(default, (_Tagged, dict, list)) or default is None:
-        return True
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if value is None:  # null switches off a float / string setting; integers and flags need a value
-        return not isinstance(default, int)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, (str, int, float)) and not isinstance(value, bool)  # a string: any scalar
-
-
-def check_overrides(hparams_file: str, overrides: Optional[str]) -> dict:
-    """Refuse override keys the YAML lacks and values of the wrong type; return the parsed overrides."""
-    try:
-        values = _plain_yaml(overrides or "") or {}
-    except DuplicateKeyError as err:
-        key = re.search(r'duplicate key "([^"]+)"', str(err.problem))
-        raise UserError(f"option --{key.group(1) if key else '?'} given more than once") from None
-    except YAMLError as err:
-        raise UserError(f"cannot read the command-line overrides: {_yaml_problem(err)}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"cannot read the command-line overrides {overrides!r}")
-    defaults = yaml_defaults(hparams_file)
-    name = os.path.basename(hparams_file)
-    for key, value in values.items():
-        if key not in defaults:
-            close = difflib.get_close_matches(str(key), [str(k) for k in defaults if not str(k).startswith("_")], 1)
-            hint = f" (did you mean --{close[0]}?)" if close else ""
-            raise UserError(f"unknown option --{key}: {name} has no such key{hint}")
-        default = defaults[key]
-        if not _type_ok(default, value):
-            kind = _KINDS.get(type(default), type(default).__name__)
-            raise UserError(f"--{key} expects {kind} ({name} has {default!r}), got {value!r}")
-    return values
-
-
-def resolved_values(hparams_file: str, overrides: Optional[str]) -> dict:
-    """The top-level values with ``!ref`` resolved and overrides applied, no object built (tagged: :class:`_Tagged`)."""
-    from hyperpyyaml import resolve_references
-
-    try:
-        with open(hparams_file, encoding="utf-8") as handle:
-            return _plain_yaml(resolve_references(handle, overrides).getvalue()) or {}
-    except Exception as err:  # a broken reference: a configuration problem
-        if os.environ.get("PRIVASR_DEBUG"):
-            raise
-        raise UserError(f"{hparams_file}: {one_line(err)}") from None
-
-
-def load_hparams(hparams_file: str, overrides: Optional[str]) -> dict:
-    """Check the overrides (:func:`check_overrides`) and the settings every recipe shares, then build the objects.
-
-    The shared settings are checked on the resolved values before anything is built (a
-    YAML object may create folders): output folders a file or not writable, batch sizes
-    below 1, learning rates, durations, workers and intervals out of range (:mod:`privasr.asr.checks`).
-    """
-    from hyperpyyaml import load_hyperpyyaml
-
-    from privasr.asr.checks import check_batch_sizes, check_numbers, check_output_paths
-
-    check_overrides(hparams_file, overrides)
-    values = resolved_values(hparams_file, overrides)
-    check_output_paths(values)
-    check_batch_sizes(values)
-    check_numbers(values)
-    try:
-        with open(hparams_file, encoding="utf-8") as handle:
-            return load_hyperpyyaml(handle, overrides)
-    except Exception as err:  # building the YAML's objects: any failure is a configuration problem
-        if os.environ.get("PRIVASR_DEBUG"):
-            raise
-        raise UserError(f"{hparams_file}: {one_line(err)}") from None
-
-
-# -- reporting ------------------------------------------------------------------------------
-def one_line(err: BaseException) -> str:
-    """An exception as one line, unwrapping errors re-raised from DataLoader worker processes."""
-    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    if "Original Traceback" in str(text):  # "Caught X in DataLoader worker ...": keep the original message
-        last = lines[-1]
-        prefix, _, message = last.partition(": ")
-        return message if message and " " not in prefix else last
-    return " ".join(lines) if len(lines) <= 2 else lines[0]
-
-
-def _report(prog: str, err: BaseException) -> None:
-    message = one_line(err)
-    rank = os.environ.get("RANK")
-    suffix = f" (rank {rank})" if rank not in (None, "0") else ""
-    print(f"{prog}: error: {message}{suffix}", file=sys.stderr, flush=True)
+           "one_line", "run_cli", "resolved_values", "yaml_defaults", "recipe_help"]
 
 
 def run_cli(main: Callable[[list], Any], argv: Sequence[str], prog: Optional[str] = None) -> int:
-    """Run ``main(argv)``; a :class:`UserError` -> status 2, a diverged run -> 1, one line on stderr each.
-
-    A multi-process run (torchrun) ends here in order on every path, errors included:
-    :func:`privasr.distributed.ordered_shutdown` meets the other ranks at a barrier when ``main``
-    returned (rank 0 may still be decoding), skips it when ``main`` raised, and destroys the
-    process group before the interpreter exits.
-    """
-    from privasr.distributed import ordered_shutdown  # lazily: `python -m privasr.faults` needs no torch
-
-    prog = prog or os.path.basename(sys.argv[0]) or "train.py"
-    if not logging.getLogger().handlers:  # until the recipe sets up logging, warnings go to stdout, not stderr
-        logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(name)s - %(message)s")
-    try:
-        with ordered_shutdown():
-            main(list(argv))
-    except UserError as err:
-        if os.environ.get("PRIVASR_DEBUG"):
-            raise
-        _report(prog, err)
-        return 2
-    except NonFiniteGradientsError as err:
-        if os.environ.get("PRIVASR_DEBUG"):
-            raise
-        _report(prog, err)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; re-run the same command to resume from the last checkpoint",
-              file=sys.stderr, flush=True)
-        return 130
-    return 0
-
-
-# -- checking overrides from the shell (egs/lib/stages.sh refuses bad --train_args before stage 0) --
-def _check_overrides_main(argv: Sequence[str]) -> int:
-    """``python -m privasr.faults check-overrides HPARAMS.yaml --key value ...``: one line and status 2 if bad."""
-    if len(argv) < 2 or argv[0] != "check-overrides":
-        print("usage: python -m privasr.faults check-overrides HPARAMS.yaml [--key value ...]", file=sys.stderr)
-        return 2
-    try:
-        hparams_file, _, overrides = parse_arguments(list(argv[1:]))
-        check_overrides(hparams_file, overrides)
-    except UserError as err:
-        print(f"--train_args: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """:func:`privasr.cli.run_cli` as a recipe's ``train.py`` calls it (old name; use that one)."""
+    warnings_to_stdout()
+    return _run_cli(main, argv, prog or os.path.basename(sys.argv[0]) or "train.py", user_errors=RECIPE_ERRORS,
+                    interrupted_hint=RESUME_HINT)
 
 
 if __name__ == "__main__":
-    sys.exit(_check_overrides_main(sys.argv[1:]))
+    sys.exit(check_overrides_main(sys.argv[1:], prog="python -m privasr.faults"))

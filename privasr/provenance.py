@@ -32,7 +32,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from privasr.faults import UserError
+from privasr.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Bad input to a recipe's train.py: one clear line, a non-zero exit, and nothing written.
 
-Most cases run the recipe's ``main`` in this process through :func:`privasr.faults.run_cli`
+Most cases run the recipe's ``main`` in this process through :func:`privasr.cli.run_cli`
 (what ``train.py``'s ``__main__`` does), which is fast; one case runs the real command to
 check the exit status and that no traceback reaches the user.
 """
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from privasr.faults import run_cli
+from privasr.cli import run_cli
+from privasr.cli.hparams import RECIPE_ERRORS
 
 from .fault_injection import HAVE_TTS, RECIPE, corrupt_file, quick_corpus, recipe_argv, run_python, write_wav
 
@@ -70,7 +71,7 @@ def run_recipe(recipe_main, capsys, data, out, *overrides, train_csv=None):
     argv = with_options(recipe_argv(data, out)[1:], *overrides)
     if train_csv is not None:
         argv = with_options(argv, "--train_csv", train_csv)
-    status = run_cli(recipe_main, argv, prog="train.py")
+    status = run_cli(recipe_main, argv, prog="train.py", user_errors=RECIPE_ERRORS)
     return status, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
@@ -247,7 +248,7 @@ def test_output_folder_that_cannot_be_written_is_refused(where, data, tmp_path, 
 
 
 def test_model_output_size_comes_from_the_tokenizer(data, tmp_path):
-    from privasr.faults import load_hparams
+    from privasr.cli.hparams import load_hparams
     from privasr.tokenizer import Tokenizer
 
     argv = recipe_argv(data, tmp_path / "run")
@@ -268,7 +269,7 @@ def test_model_built_with_another_output_size_is_refused(data, tmp_path, recipe_
     out = tmp_path / "run"
     argv = recipe_argv(data, out)[1:]
     argv[0] = str(tmp_path / "fixed.yaml")
-    status = run_cli(recipe_main, argv, prog="train.py")
+    status = run_cli(recipe_main, argv, prog="train.py", user_errors=RECIPE_ERRORS)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert_refused(status, lines, out, "the model has 40 output classes but the tokenizer in", "has 29")
 
@@ -344,7 +345,7 @@ def test_ssl_recipe_refuses_bad_input_before_anything_is_written(case, fragments
         options = ["--train_csv", str(write_manifest_copy(data, tmp_path, _header_only))]
     argv = [str(recipe / "hparams" / "bestrq_dp_quick.yaml"), "--data_folder", str(data), "--output_folder", str(out),
             "--noprogressbar", *options]
-    status = run_cli(main, argv, prog="bestrq/train.py")
+    status = run_cli(main, argv, prog="bestrq/train.py", user_errors=RECIPE_ERRORS)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and len(lines) == 1 and lines[0].startswith("bestrq/train.py: error: "), lines
     for fragment in fragments:

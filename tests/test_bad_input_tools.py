@@ -254,6 +254,77 @@ def test_run_cli_returns_main_s_status_and_output_file_checks_while_parsing(tmp_
                                       f"(see --help)\n"
 
 
+# -- one runner for tools and recipes (privasr.cli.run_cli) --------------------------------------------------
+def _raising(err):
+    def main(argv):
+        raise err
+    return main
+
+
+@pytest.mark.parametrize("err, status, message", [
+    (ValueError("bad value"), 2, "bad value"),
+    (OSError("out.json: not writable"), 2, "out.json: not writable"),
+    (ValueError("first line\n  second line\n"), 2, "first line second line"),  # two lines: joined
+    (ValueError("Error(s) in loading the model:\n\tMissing key: a\n\tMissing key: b"), 2,
+     "Error(s) in loading the model:"),  # more: the first, the rest is context
+    (RuntimeError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                  "  File \"x.py\", line 1, in f\nValueError: a.csv:3 'utt3': audio not found"), 2,
+     "a.csv:3 'utt3': audio not found"),
+    (ValueError(""), 2, "ValueError"),
+], ids=["value", "os", "two-lines", "many-lines", "dataloader-worker", "empty"])
+def test_run_cli_reports_user_errors_as_one_line(err, status, message, capsys):
+    from privasr.cli import run_cli
+
+    assert run_cli(_raising(err), [], prog="p") == status
+    assert capsys.readouterr().err == f"p: error: {message}\n"
+
+
+def test_run_cli_statuses_rank_hint_and_debug(monkeypatch, capsys):
+    """SystemExit's code, a diverged run 1 (before RuntimeError's 2), a rank suffix, Ctrl-C's hint, PRIVASR_DEBUG."""
+    from privasr.cli import run_cli
+    from privasr.cli.hparams import RECIPE_ERRORS, RESUME_HINT
+    from privasr.errors import NonFiniteGradientsError, UserError
+
+    assert [run_cli(_raising(SystemExit(code)), [], prog="p") for code in (0, None, 2, "usage")] == [0, 0, 2, 1]
+    assert run_cli(lambda argv: True, [], prog="p") == 0  # a bool is no status
+    assert run_cli(_raising(NonFiniteGradientsError("training stopped")), [], prog="p") == 1
+    assert capsys.readouterr().err == "p: error: training stopped\n"
+    monkeypatch.setenv("RANK", "3")
+    assert run_cli(_raising(KeyError("no key 'x'")), [], prog="p", user_errors=(KeyError,)) == 2
+    assert capsys.readouterr().err == "p: error: no key 'x' (rank 3)\n"  # a KeyError's message, unquoted
+    monkeypatch.setenv("RANK", "0")
+    assert run_cli(_raising(KeyboardInterrupt()), [], prog="p") == 130
+    assert capsys.readouterr().err == "p: interrupted\n"
+    assert run_cli(_raising(KeyboardInterrupt()), [], prog="train.py", interrupted_hint=RESUME_HINT) == 130
+    assert capsys.readouterr().err == ("train.py: interrupted; re-run the same command to resume from the last "
+                                       "checkpoint\n")
+    with pytest.raises(ValueError, match="a bug"):  # a recipe reports only UserError; a bug keeps its traceback
+        run_cli(_raising(ValueError("a bug")), [], prog="train.py", user_errors=RECIPE_ERRORS)
+    monkeypatch.setenv("PRIVASR_DEBUG", "1")
+    for err in (UserError("bad input"), NonFiniteGradientsError("diverged")):
+        with pytest.raises(type(err)):
+            run_cli(_raising(err), [], prog="p")
+    assert capsys.readouterr().err == ""
+
+
+def test_run_cli_needs_no_torch_and_check_overrides_runs_under_both_names():
+    """A command without torch stays without it (no process group can exist); ``check-overrides`` runs as
+    ``python -m privasr.cli.hparams`` and under the old name egs/lib/stages.sh calls, ``python -m privasr.faults``."""
+    code = ("import runpy, sys\n"
+            "from privasr.cli import run_cli\n"
+            "assert run_cli(lambda argv: 3, [], prog='p') == 3\n"
+            "print('torch' in sys.modules)\n"
+            "module, sys.argv = sys.argv[2], ['x', 'check-overrides', sys.argv[1], '--virtual_core', '3']\n"
+            "try:\n    runpy.run_module(module, run_name='__main__')\n"
+            "except SystemExit as stop:\n    print(stop.code)\n")
+    for module in ("privasr.cli.hparams", "privasr.faults"):
+        proc = subprocess.run([sys.executable, "-c", code, RECIPE_YAML, module], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.stdout.split() == ["False", "2"], proc.stdout + proc.stderr
+        assert proc.stderr == ("--train_args: error: unknown option --virtual_core: conformer_ctc.yaml has no such key "
+                               "(did you mean --virtual_cores?)\n"), proc.stderr
+
+
 def test_device_equivalence_refuses_bad_input_in_one_line(capsys):
     from privasr.cli import device_equivalence
 

@@ -13,7 +13,8 @@ import torch
 
 from privasr.brain import UnsupportedRunOption, check_run_options, run_option
 from privasr.clipping import clip_and_aggregate
-from privasr.faults import parse_arguments, run_cli
+from privasr.cli import run_cli
+from privasr.cli.hparams import RECIPE_ERRORS, parse_arguments
 
 from .fault_injection import HAVE_TTS, RECIPE, quick_corpus, recipe_argv
 from .toy import fit_toy_brain, make_toy_brain, mse_loss_fn, toy_batch, toy_model
@@ -227,7 +228,7 @@ def test_refused_option_is_one_line_and_exit_2(argv, fragment, tmp_path, capsys)
         check_run_options(run_opts)
         out.mkdir()
 
-    status = run_cli(main, [str(yaml), *argv], prog="train.py")
+    status = run_cli(main, [str(yaml), *argv], prog="train.py", user_errors=RECIPE_ERRORS)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"train.py: error: {fragment}"), lines
@@ -282,7 +283,7 @@ def data(tmp_path_factory):
 def test_recipe_refuses_before_writing(argv, fragment, data, tmp_path, capsys):
     recipe_main = runpy.run_path(str(RECIPE / "train.py"))["main"]
     out = tmp_path / "exp"
-    status = run_cli(recipe_main, recipe_argv(data, out)[1:] + argv, prog="train.py")
+    status = run_cli(recipe_main, recipe_argv(data, out)[1:] + argv, prog="train.py", user_errors=RECIPE_ERRORS)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"train.py: error: {fragment}"), lines

@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 
 from privasr.distributed import CoreAccumulator, shutdown_process_group, world_info
-from privasr.faults import UserError, run_cli
+from privasr.cli import USER_ERRORS, run_cli
+from privasr.cli.hparams import RECIPE_ERRORS
+from privasr.errors import NonFiniteGradientsError, UserError
 from privasr.per_sample import shard_grads_loop
 
 from .ddp_utils import free_port, run_processes
@@ -43,19 +45,25 @@ def test_shutdown_destroys_the_group_once(tmp_path):
     assert shutdown_process_group() is False  # idempotent: the helpers and run_cli may both call it
 
 
-@pytest.mark.parametrize("raises, status", [(None, 0), (UserError("bad input"), 2), (RuntimeError("bug"), None)])
-def test_run_cli_destroys_the_group_on_every_path(tmp_path, raises, status):
+@pytest.mark.parametrize("raises, user_errors, status", [
+    (None, RECIPE_ERRORS, 0), (UserError("bad input"), RECIPE_ERRORS, 2), (SystemExit(0), RECIPE_ERRORS, 0),
+    (NonFiniteGradientsError("diverged"), RECIPE_ERRORS, 1), (KeyboardInterrupt(), RECIPE_ERRORS, 130),
+    (RuntimeError("bug"), RECIPE_ERRORS, None), (RuntimeError("bad device"), USER_ERRORS, 2),
+], ids=["ok", "user-error", "help", "diverged", "interrupted", "recipe-bug", "tool-runtime-error"])
+def test_run_cli_destroys_the_group_on_every_path(tmp_path, raises, user_errors, status, capsys):
     def main(argv):
         _one_process_group(tmp_path / "store")
         if raises is not None:
             raise raises
 
-    if status is None:  # not a user error: the traceback propagates, the group is gone all the same
+    if status is None:  # a recipe's bug: the traceback propagates, the group is gone all the same
         with pytest.raises(RuntimeError, match="bug"):
-            run_cli(main, [], prog="train.py")
+            run_cli(main, [], prog="train.py", user_errors=user_errors)
     else:
-        assert run_cli(main, [], prog="train.py") == status
+        assert run_cli(main, [], prog="train.py", user_errors=user_errors) == status
     assert not dist.is_initialized()
+    if status in (1, 2):
+        assert capsys.readouterr().err == f"train.py: error: {raises}\n"
 
 
 def _two_endings(rank, world_size, out):

@@ -1,9 +1,9 @@
 """Start-up checks shared by every recipe's ``train.py``: settings refused before anything is written.
 
-Each check raises :class:`privasr.faults.UserError` (one line, exit status 2 through
-:func:`privasr.faults.run_cli`) or logs a warning where training can go on. They read only
+Each check raises :class:`privasr.errors.UserError` (one line, exit status 2 through
+:func:`privasr.cli.run_cli`) or logs a warning where training can go on. They read only
 the resolved hyper-parameters and the datasets, so a recipe calls them from its
-``check_settings`` / ``load_datasets`` (and :func:`privasr.faults.load_hparams` runs the
+``check_settings`` / ``load_datasets`` (and :func:`privasr.cli.hparams.load_hparams` runs the
 ones that need no built object, :func:`check_output_paths`, :func:`check_batch_sizes` and
 :func:`check_numbers`, for every recipe, before the YAML's objects are built).
 """
@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
-from privasr.faults import UserError
+from privasr.errors import UserError
 
 __all__ = ["OUTPUT_FOLDERS", "OUTPUT_FILES", "check_output_paths", "check_batch_sizes", "check_numbers",
            "check_cores", "check_epochs", "check_decoding", "check_vocabulary", "check_enough_for_a_batch"]

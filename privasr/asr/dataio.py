@@ -1,7 +1,7 @@
 """Manifests to SpeechBrain datasets: audio through soundfile, transcripts through the tokenizer.
 
 Bad input is refused before training starts, with one line naming the manifest line
-(:class:`privasr.faults.UserError`): a missing manifest, missing columns, duplicate IDs,
+(:class:`privasr.errors.UserError`): a missing manifest, missing columns, duplicate IDs,
 empty transcripts (checked by :func:`privasr.data.manifest.read_manifest`), and, with
 ``check_audio="all"``, every audio file that cannot be opened or whose sample rate is not
 ``sample_rate`` (unless ``resample``) or whose length disagrees with the manifest's
@@ -21,7 +21,7 @@ import speechbrain as sb
 import torch
 
 from privasr.data.manifest import MANIFEST_COLUMNS, Utterance, read_manifest, read_table
-from privasr.faults import UserError
+from privasr.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""privasr's command-line tools, and the one convention every tool's command line follows.
+"""privasr's command-line tools, and the one convention every command follows (tools and recipes).
 
 Each console script is a module here with ``main(argv=None) -> int`` (the exit status, also when
 called in-process); ``tools/<module>.py`` is a thin executable over it, and
@@ -16,20 +16,21 @@ called in-process); ``tools/<module>.py`` is a thin executable over it, and
 (no console script)           :mod:`privasr.cli.device_equivalence` -- CUDA/NCCL vs the CPU reference
 ============================  =======================================================================
 
-The convention (this module):
+The convention (this module), for the tools and for the recipes' ``train.py`` alike:
 
 * :class:`CliParser` -- an :class:`argparse.ArgumentParser` whose errors are *one* line
   ``<prog>: error: ... (see --help)`` and exit status 2; :meth:`CliParser.parse_with_overrides`
   for tools that load a recipe: the tool's options, then after ``--`` the recipe's overrides.
-* :func:`run_cli` -- runs ``main(argv)`` and returns its exit status: bad input (a
-  :class:`~privasr.faults.UserError`, ``ValueError``, ``OSError``, ``RuntimeError``) is one line
-  ``<prog>: error: ...`` and status 2, never a traceback (``PRIVASR_DEBUG=1`` re-raises).
+* :func:`run_cli` -- runs ``main(argv)`` and returns its exit status: bad input (by default a
+  :class:`~privasr.errors.UserError`, ``ValueError``, ``OSError``, ``RuntimeError``) is one line
+  ``<prog>: error: ...`` and status 2, never a traceback; a diverged run
+  (:class:`~privasr.errors.NonFiniteGradientsError`) one line and status 1; Ctrl-C status 130
+  (``PRIVASR_DEBUG=1`` re-raises, for a traceback). A multi-process run's group is shut down
+  in order on every path. A recipe passes ``user_errors=(UserError,)`` so that a programming
+  error keeps its traceback (:mod:`privasr.cli.hparams` reads its YAML and overrides).
 * argument types that refuse bad values while parsing, before any work: :func:`positive_int`,
   :func:`nonnegative_int`, :func:`positive_float`, :func:`fraction`, :func:`output_file`
   (and :func:`check_output_file` for outputs a tool derives from its arguments).
-
-A recipe's ``train.py`` has its own runner, :func:`privasr.faults.run_cli` (process-group
-shutdown, diverged runs exit 1); the two are to become one.
 """
 from __future__ import annotations
 
@@ -40,10 +41,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
-from privasr.faults import UserError
+from privasr.errors import NonFiniteGradientsError, UserError
 
-__all__ = ["CliParser", "run_cli", "USER_ERRORS", "positive_int", "nonnegative_int", "positive_float", "fraction",
-           "output_file", "check_output_file"]
+__all__ = ["CliParser", "run_cli", "one_line", "USER_ERRORS", "positive_int", "nonnegative_int", "positive_float",
+           "fraction", "output_file", "check_output_file"]
 
 #: Exceptions that mean "the input is wrong", reported as one line with exit status 2.
 USER_ERRORS = (UserError, ValueError, OSError, RuntimeError)
@@ -71,28 +72,92 @@ class CliParser(argparse.ArgumentParser):
         return args
 
 
-def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None, prog: str) -> int:
-    """Run ``main(argv)``; return its exit status, turning user errors into ``prog: error: ...`` and 2.
+def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None,
+            prog: str | None = None, *, user_errors: tuple[type[BaseException], ...] = USER_ERRORS,
+            interrupted_hint: str = "") -> int:
+    """Run ``main(argv)``; return its exit status, each failure reported as one line ``prog: error: ...``.
 
-    ``main`` returning an integer makes it the status (e.g. 1: a check failed); ``None`` is 0.
-    The parser's own exit (``--help``: 0, a bad option: 2, already reported by :class:`CliParser`)
-    is returned rather than raised, so ``main(argv)`` called in-process always returns the status
-    the command line would have. ``PRIVASR_DEBUG=1`` re-raises user errors, for a traceback.
+    ======================================  ===========================================================
+    ``main`` returns an integer / ``None``  that status (e.g. 1: a check failed) / 0
+    ``SystemExit`` (``--help``, a parse     its code, returned rather than raised, so ``main(argv)``
+    error :class:`CliParser` reported)      called in-process returns the status the command would have
+    :class:`NonFiniteGradientsError`        1: the run diverged (checked before ``user_errors``)
+    one of ``user_errors``                  2: the input is wrong
+    ``KeyboardInterrupt``                   130, ``prog: interrupted; <interrupted_hint>``
+    anything else                           propagates (a bug: its traceback)
+    ======================================  ===========================================================
+
+    The message is :func:`one_line` of the error, with `` (rank N)`` on ranks other than 0 of a
+    torchrun job. ``PRIVASR_DEBUG=1`` re-raises the two errors instead, for a traceback.
+
+    A multi-process run (torchrun) ends here in order on every path, errors included:
+    :func:`privasr.distributed.ordered_shutdown` meets the other ranks at a barrier when ``main``
+    returned (rank 0 may still be decoding), skips it when ``main`` raised, and destroys the
+    process group before the interpreter exits. It is imported only when ``torch.distributed``
+    was (a group cannot exist otherwise), so a command without torch does not pay for importing it.
     """
+    prog = prog or os.path.basename(sys.argv[0]) or "privasr"
     try:
-        status = main(argv)
+        status = _in_order(main, None if argv is None else list(argv))
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    except USER_ERRORS as err:
+    except NonFiniteGradientsError as err:
         if os.environ.get("PRIVASR_DEBUG"):
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        _report(prog, err)
+        return 1
+    except user_errors as err:
+        if os.environ.get("PRIVASR_DEBUG"):
+            raise
+        _report(prog, err)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted" + (f"; {interrupted_hint}" if interrupted_hint else ""), file=sys.stderr,
+              flush=True)
         return 130
     return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+def _in_order(main: Callable[[Sequence[str] | None], Any], argv: list[str] | None) -> Any:
+    """``main(argv)``, then :func:`privasr.distributed.ordered_shutdown`'s ending when torch.distributed is loaded."""
+    try:
+        result = main(argv)
+    except BaseException:
+        if "torch.distributed" not in sys.modules:
+            raise
+        from privasr.distributed import ordered_shutdown
+
+        with ordered_shutdown():  # it tells a failure from the exception in flight (SystemExit(0): success)
+            raise
+    if "torch.distributed" in sys.modules:
+        from privasr.distributed import ordered_shutdown
+
+        with ordered_shutdown():
+            pass
+    return result
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line, unwrapping errors re-raised from DataLoader worker processes.
+
+    A ``KeyError``'s message without its quotes; a message of one or two lines joined, of more
+    lines its first (the rest is context: a YAML excerpt, a list of keys).
+    """
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if "Original Traceback" in str(text):  # "Caught X in DataLoader worker ...": keep the original message
+        last = lines[-1]
+        prefix, _, message = last.partition(": ")
+        return message if message and " " not in prefix else last
+    return " ".join(lines) if len(lines) <= 2 else lines[0]
+
+
+def _report(prog: str, err: BaseException) -> None:
+    rank = os.environ.get("RANK")
+    suffix = f" (rank {rank})" if rank not in (None, "0") else ""
+    print(f"{prog}: error: {one_line(err)}{suffix}", file=sys.stderr, flush=True)
 
 
 # -- argument types: a number out of range is a parse error (one line), not a crash mid-run --

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from privasr.cli import CliParser, nonnegative_int, output_file, positive_int, run_cli
-from privasr.faults import UserError
+from privasr.errors import UserError
 
 PROG = "privasr-bench-recipe"
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: privasr/cli/ -> the repository root
@@ -86,7 +86,7 @@ def worker(spec: dict) -> dict:
     import speechbrain as sb
 
     from privasr.asr import ASRBrain, make_dataset
-    from privasr.faults import load_hparams, parse_arguments
+    from privasr.cli.hparams import load_hparams, parse_arguments
 
     torch.set_num_threads(spec["threads"])
     _, run_opts, overrides = parse_arguments([str(HPARAMS), *spec["overrides"], "--noprogressbar"])

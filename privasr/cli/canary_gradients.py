@@ -55,7 +55,7 @@ import torch
 from privasr.cli import CliParser, nonnegative_int, output_file, positive_int, run_cli
 from privasr.cli.norm_quantiles import check_trained_run, load_brain, resolved_hparams
 from privasr.core_log import predicted_weight_ratio
-from privasr.faults import UserError
+from privasr.errors import UserError
 from privasr.provenance import file_digest
 
 PROG = "privasr-canary-gradients"
@@ -165,10 +165,16 @@ def per_example_norms(brain, dataset, ids: Sequence[str]) -> dict[str, float]:
 
 # -- the report --------------------------------------------------------------------------
 def group_stats(values: Sequence[float]) -> dict:
-    """``n``, ``nonfinite`` and, over the finite values, ``p10``/``p50``/``p90`` and ``mean``."""
+    """``n``, ``nonfinite``, ``zero`` and, over the finite non-zero values, ``p10``/``p50``/``p90`` and ``mean``.
+
+    A zero norm is an utterance CTC cannot align (too many tokens for its frames after subsampling: an
+    infinite loss, which the loss zeroes): it gives training no gradient at all, so it is counted apart and
+    left out of ``r``, which compares the utterances clipping actually scales.
+    """
     values = np.asarray(values, dtype=float)
     finite = values[np.isfinite(values)]
-    stats = {"n": int(values.size), "nonfinite": int(values.size - finite.size)}
+    stats = {"n": int(values.size), "nonfinite": int(values.size - finite.size), "zero": int((finite == 0).sum())}
+    finite = finite[finite > 0]
     if finite.size:
         stats.update({f"p{round(100 * q)}": float(np.quantile(finite, q)) for q in QUANTILES})
         stats["mean"] = float(finite.mean())
@@ -191,8 +197,10 @@ def report(canary_norms: Mapping[str, float], normal_norms: Mapping[str, float],
         raise UserError(f"no normal utterance with a finite, non-zero gradient norm (of {normal['n']}): "
                         f"cannot form the ratio r")
     if "p50" not in canaries:
-        raise UserError(f"no canary with a finite gradient norm (all {canaries['n']} have an infinite loss: "
-                        f"CTC cannot align them; training drops their cores)")
+        raise UserError(f"no canary with a finite, non-zero gradient norm (of {canaries['n']}: {canaries['nonfinite']} "
+                        f"non-finite, {canaries['zero']} zero): CTC cannot align them (too many tokens for their "
+                        f"frames), so training learns nothing from them; use sentencepiece pieces (--tokenizer_type "
+                        f"unigram), slower canaries or less subsampling")
     ratios = norm_ratios(canaries, normal)
     out = {"normal": normal, "canaries": {**canaries, **ratios},
            "predicted": {str(b): {key: predicted_weight_ratio(r, b) for key, r in ratios.items()} for b in per_core},
@@ -213,13 +221,13 @@ def _cell(value: Optional[float]) -> str:
 def markdown(result: dict, per_core: Sequence[int]) -> str:
     """The norms per group and the prediction per B, as two markdown tables."""
     names = ["p10", "p50", "p90", "mean"]
-    lines = ["| utterances | n | non-finite | " + " | ".join(names) + " | r (medians) | r (means) |",
-             "|---" * (len(names) + 5) + "|"]
+    lines = ["| utterances | n | non-finite | zero (CTC cannot align) | " + " | ".join(names)
+             + " | r (medians) | r (means) |", "|---" * (len(names) + 6) + "|"]
     rows = [("normal", result["normal"]), ("canaries", result["canaries"])]
     rows += [(f"canaries x{count}", group) for count, group in result["by_insertions"].items()]
     for name, group in rows:
         cells = [_cell(group.get(key)) for key in names] + [_cell(group.get("r_median")), _cell(group.get("r_mean"))]
-        lines.append(f"| {name} | {group['n']} | {group['nonfinite']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {group['n']} | {group['nonfinite']} | {group['zero']} | " + " | ".join(cells) + " |")
     lines += ["", "Predicted cut of a canary's weight relative to a normal utterance's when every core is clipped: "
               "√(r² + B − 1) / √B (B = 1: per-example clipping, the factor r).", "",
               "| per-core batch B | predicted, r from medians | predicted, r from means |", "|---|---|---|"]

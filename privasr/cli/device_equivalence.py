@@ -22,7 +22,7 @@ import torch.distributed as dist
 from privasr.cli import CliParser, run_cli
 from privasr.clipping import clip_and_aggregate
 from privasr.distributed import CoreAccumulator, ordered_shutdown, world_info
-from privasr.faults import UserError
+from privasr.errors import UserError
 from privasr.per_sample import shard_grads_loop, shard_grads_vmap
 
 PROG = "device_equivalence"

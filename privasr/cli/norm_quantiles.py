@@ -25,8 +25,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from privasr.cli import CliParser, fraction, output_file, positive_int, run_cli
-from privasr.faults import UserError
+from privasr.cli import CliParser, fraction, one_line, output_file, positive_int, run_cli
+from privasr.errors import UserError
 
 PROG = "privasr-norm-quantiles"
 
@@ -54,7 +54,7 @@ def resolved_hparams(hparams_file: str, overrides: list[str]) -> tuple[str, dict
     ``plain`` holds the YAML's plain values with every ``!ref`` resolved (objects are not built),
     enough to find the run's checkpoints before the model and data are loaded.
     """
-    from privasr.faults import check_overrides, parse_arguments, resolved_values
+    from privasr.cli.hparams import check_overrides, parse_arguments, resolved_values
 
     hparams_file, run_opts, yaml_overrides = parse_arguments([hparams_file] + list(overrides))
     check_overrides(hparams_file, yaml_overrides)
@@ -90,7 +90,7 @@ def measured_batch(batch_size: int, per_core: Sequence[int]) -> int:
 def load_brain(hparams_file: str, overrides: list[str]):
     """The recipe's Brain with the trained run's latest checkpoint loaded, its training data and hparams."""
     from privasr.asr import ASRBrain, make_dataset
-    from privasr.faults import load_hparams, one_line
+    from privasr.cli.hparams import load_hparams
 
     hparams_file, run_opts, yaml_overrides, plain = resolved_hparams(hparams_file, overrides)
     save_folder = check_trained_run(plain)

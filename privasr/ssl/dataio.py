@@ -32,7 +32,7 @@ def read_audio_manifest(path: str, max_duration: Optional[float] = None,
 
     With ``sample_rate``, every audio file is opened first (as the ASR recipes do: a missing,
     unreadable or wrong-rate file, or one whose length is far from its duration, is a
-    :class:`privasr.faults.UserError` naming its manifest line; a small length mismatch one warning).
+    :class:`privasr.errors.UserError` naming its manifest line; a small length mismatch one warning).
     """
     from types import SimpleNamespace
 

@@ -55,7 +55,9 @@ import speechbrain as sb
 
 from privasr.asr import ASRBrain, make_dataset
 from privasr.brain import ClippingConfig, check_run_options
-from privasr.faults import UserError, load_hparams, parse_arguments, run_cli
+from privasr.cli import run_cli
+from privasr.cli.hparams import RECIPE_ERRORS, RESUME_HINT, load_hparams, parse_arguments, warnings_to_stdout
+from privasr.errors import UserError
 from privasr.provenance import (claim_run_folder, record_run, record_transcripts, trained_checkpoint,
                                 transcripts_current, transcripts_record)
 
@@ -148,4 +150,5 @@ def load_datasets(hparams: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, sys.argv[1:], prog="train.py"))
+    warnings_to_stdout()  # until SpeechBrain sets up logging; stderr is for the one error line
+    sys.exit(run_cli(main, sys.argv[1:], prog="train.py", user_errors=RECIPE_ERRORS, interrupted_hint=RESUME_HINT))

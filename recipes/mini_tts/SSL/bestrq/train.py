@@ -18,7 +18,9 @@ import sys
 import speechbrain as sb
 
 from privasr.brain import check_run_options
-from privasr.faults import UserError, load_hparams, parse_arguments, run_cli
+from privasr.cli import run_cli
+from privasr.cli.hparams import RECIPE_ERRORS, RESUME_HINT, load_hparams, parse_arguments, warnings_to_stdout
+from privasr.errors import UserError
 from privasr.provenance import claim_run_folder, record_run
 from privasr.ssl import DPBestRQBrain, audio_dataset, read_audio_manifest, split_public_private
 
@@ -62,4 +64,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, sys.argv[1:], prog="bestrq/train.py"))
+    warnings_to_stdout()  # until SpeechBrain sets up logging; stderr is for the one error line
+    sys.exit(run_cli(main, sys.argv[1:], prog="bestrq/train.py", user_errors=RECIPE_ERRORS,
+                     interrupted_hint=RESUME_HINT))
