@@ -14,6 +14,12 @@ example per core (per-example clipping, DP-SGD without noise). The modules are N
 wrapped in ``DistributedDataParallel``: its automatic all-reduce would sum the
 unclipped gradients; parameters are broadcast from rank 0 once instead.
 
+The classes: :class:`PrivasrBrain` holds the infrastructure every privasr Brain needs (no DDP
+wrapper, atomic checkpoints, RNG state, :class:`RunCounters`, the bucket sampler and the
+per-epoch loader seed, the intra-epoch checkpoint guard, the run-option checks, applying an
+aggregated update); :class:`PerCoreBrain` (also named ``PrivateBrain``, the name recipes and
+checkpoints know) adds the per-core step above.
+
 Subclasses implement two methods for training (evaluation keeps SpeechBrain's
 ``compute_forward``/``compute_objectives``):
 
@@ -28,7 +34,8 @@ Hyper-parameters read from ``hparams`` (all declared in the recipe YAML):
 (``loop`` | ``vmap`` | ``ghost``: see :func:`privasr.private_step.accumulate_cores`; ghost needs
 :meth:`PrivateBrain.shard_loss_reduction`), ``log_every_n_steps``, ``tensorboard_dir`` (optional),
 ``core_log_dir`` (optional: each core's norm, clip scale and :meth:`shard_labels` label
-per step, see :mod:`privasr.core_log`), and SpeechBrain's ``nonfinite_patience``, ``ckpt_interval_minutes`` / ``ckpt_interval_steps``.
+per step, see :mod:`privasr.core_log`), and SpeechBrain's ``nonfinite_patience``,
+``ckpt_interval_minutes`` / ``ckpt_interval_steps``.
 
 SpeechBrain's run options (``--max_grad_norm`` etc.): the step bypasses
 ``sb.Brain.optimizers_step``, so the options that act there are re-implemented on the
@@ -297,8 +304,23 @@ def _one_checkpoint_interval(hparams, run_opts):
     return hparams, run_opts
 
 
-class PrivateBrain(sb.Brain):
-    """``sb.Brain`` with per-core (or per-example) clipping in ``fit_batch``."""
+class PrivasrBrain(sb.Brain):
+    """The infrastructure every privasr Brain needs, whatever its training step.
+
+    * SpeechBrain's run options checked before ``sb.Brain`` acts on them (:func:`check_run_options`),
+      ``ckpt_interval_steps`` replacing ``ckpt_interval_minutes``, ``max_grad_norm`` only when given;
+    * no DDP wrapper: the parameters are broadcast from rank 0 once (a private step reduces its
+      clipped gradients itself);
+    * exact resume: an atomic checkpointer, every process's RNG state and :class:`RunCounters`
+      checkpointed, the training loader's per-epoch seed from its own generator, intra-epoch
+      checkpoints only between optimizer steps;
+    * the duration bucket sampler (``bucket_batches``);
+    * applying an aggregated update (:meth:`_step_optimizers`: SpeechBrain's ``optimizers_step``
+      options on that update), the non-finite patience, the TensorBoard writer.
+
+    A subclass defines the training step (``fit_batch``): :class:`PerCoreBrain` (per-core and
+    per-example clipping) and :class:`privasr.dp.DPSGDBrain` (DP-SGD).
+    """
 
     def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
         check_run_options(run_opts, hparams)  # before sb.Brain acts on any of them
@@ -311,14 +333,6 @@ class PrivateBrain(sb.Brain):
         self.last_update_factor = 1.0
         if self.optimizer_step_limit is not None:  # "3" from the command line: sb.Brain would compare int >= str
             self.optimizer_step_limit = _step_limit(self.optimizer_step_limit)
-        self.clip_config = ClippingConfig.from_hparams(self.hparams)
-        if self.clip_config.core_grad_mode == "ghost" and type(self).fit_batch is not PrivateBrain.fit_batch:
-            # ghost lives in the per-core step (_accumulate_cores); a Brain with its own fit_batch
-            # (DPSGDBrain) would otherwise run another mode under the name 'ghost'
-            raise ValueError(f"core_grad_mode 'ghost' is implemented by PrivateBrain's per-core step; "
-                             f"{type(self).__name__} trains with its own fit_batch, which does not use it: "
-                             f"choose loop or vmap")
-        self._accumulator: Optional[CoreAccumulator] = None
         self._tb_writer = None
         self.counters = RunCounters()
         self.random_state = RandomState()
@@ -326,13 +340,6 @@ class PrivateBrain(sb.Brain):
             self.checkpointer.add_recoverable("run_counters", self.counters)
             # optional: checkpoints written before RNG states were saved still load
             self.checkpointer.add_recoverable("random_state", self.random_state, optional_load=True)
-        self.last_stats: Optional[AggregationStats] = None
-        core_log_dir = getattr(self.hparams, "core_log_dir", None)
-        self._core_log = CoreLog(core_log_dir, world_info()[0]) if core_log_dir else None
-        self._core_labels: Optional[list] = []
-        self._warned_unequal_shards = False
-        self._clip_monitor: Optional[ClippingMonitor] = (
-            ClippingMonitor() if self.clip_config.clipping in ("pcc", "pec", "global") else None)
 
     # -- the two methods a recipe implements -------------------------------------------
     def batch_to_tensors(self, batch) -> tuple:
@@ -342,6 +349,9 @@ class PrivateBrain(sb.Brain):
         raise NotImplementedError("a PrivateBrain subclass must define shard_loss(*tensors)")
 
     # -- distributed set-up: no DDP wrapper -------------------------------------------
+    # A SpeechBrain private method: sb.Brain wraps the modules in DDP whenever a process group
+    # exists, and offers no public option to keep them bare; DDP would all-reduce the UNCLIPPED
+    # gradients during backward.
     def _wrap_distributed(self):
         """Keep modules unwrapped (DDP would all-reduce unclipped gradients); sync start."""
         broadcast_parameters(self.modules)
@@ -378,6 +388,124 @@ class PrivateBrain(sb.Brain):
         return DurationBucketSampler(durations, int(loader_kwargs["batch_size"]), windows, self._seed(),
                                      world_info()[1])
 
+
+    # A SpeechBrain private method: the loader's generator must be reseeded on every rank before
+    # the epoch's iterator is made, and the only public hook there, on_stage_start, is overridden by
+    # the recipes without calling super() (ASRBrain, BestRQBrain), which would silently drop it.
+    def _fit_train(self, train_set, epoch, enable):
+        generator = getattr(train_set, "privasr_epoch_generator", None)
+        if generator is not None:
+            generator.manual_seed(seed_for_epoch(self._seed(), epoch))
+        super()._fit_train(train_set, epoch, enable)
+        self.on_train_epoch_end(epoch)
+        if self._tb_writer is not None:  # an epoch's statistics on disk now, not at the writer's next timer
+            self._tb_writer.flush()
+
+    def on_train_epoch_end(self, epoch) -> None:
+        """After each training epoch, on every process (collectives allowed); nothing by default."""
+
+    def _seed(self) -> int:
+        seed = getattr(self.hparams, "seed", None)
+        return int(seed if isinstance(seed, int) else os.environ.get("SB_GLOBAL_SEED", 0))
+
+    # A SpeechBrain private method: the one place sb.Brain decides on an intra-epoch checkpoint;
+    # no public hook can veto it.
+    def _should_save_intra_epoch_ckpt(self, last_ckpt_time, steps_since_ckpt):
+        """Never inside gradient accumulation: a half-accumulated step is not part of a checkpoint."""
+        if self.step % self.grad_accumulation_factor != 0:
+            return False
+        return super()._should_save_intra_epoch_ckpt(last_ckpt_time, steps_since_ckpt)
+
+    # -- applying an aggregated update -----------------------------------------------------
+    def _check_nonfinite_patience(self) -> None:
+        if self.counters.skipped_steps > self.nonfinite_patience:
+            raise NonFiniteGradientsError(
+                f"training stopped: {self.counters.skipped_steps} optimizer steps skipped because every core's "
+                f"gradient was NaN/Inf (more than nonfinite_patience={self.nonfinite_patience}); check the data "
+                f"and the learning rate, or raise --nonfinite_patience"
+            )
+
+    def _step_optimizers(self, grads) -> None:
+        grads = self._final_update(grads)
+        for (_, param), g in zip(trainable_parameters(self.modules), grads):
+            param.grad = g
+        for opt in self._valid_optimizers().values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        self.optimizer_step += 1
+
+    def _final_update(self, grads) -> list:
+        r"""SpeechBrain's ``optimizers_step`` options, applied to the aggregated update :math:`g`.
+
+        Per-core clipping has already dropped every non-finite core, so these act on the
+        update the optimizer is about to take (identical on every process), in this order:
+
+        1. ``skip_nonfinite_grads``: a parameter whose aggregated gradient holds a NaN/Inf
+           gets ``None`` (not updated this step), as ``sb.Brain.check_gradients`` does; done
+           first so that one such parameter cannot make the norm of step 2 NaN.
+        2. ``max_grad_norm`` :math:`m > 0` (when given): :math:`g \leftarrow g \cdot
+           \min(1, m / \lVert g \rVert)` with the norm over *all* trainable parameters
+           (SpeechBrain clips ``param_groups[0]`` only); the maths of ``global`` clipping
+           (:func:`privasr.clipping.core_norm`, :func:`privasr.clipping.global_clip_factor`).
+
+        Returns a new list; ``grads`` is not modified. Sets :attr:`last_update_factor`.
+        """
+        if self.skip_nonfinite_grads:
+            grads = self._drop_nonfinite_parameters(grads)
+        self.last_update_factor = 1.0
+        if self.update_max_norm is not None:
+            self.last_update_factor = global_clip_factor(float(core_norm(grads)), self.update_max_norm)
+            grads = [None if g is None else g * self.last_update_factor for g in grads]
+        return list(grads)
+
+    def _drop_nonfinite_parameters(self, grads) -> list:
+        kept = []
+        for (name, _), g in zip(trainable_parameters(self.modules), grads):
+            if g is not None and not torch.isfinite(g).all():
+                logger.warning("step %d: the aggregated gradient of %s holds NaN/Inf: not updated "
+                               "(skip_nonfinite_grads)", self.optimizer_step + 1, name)
+                g = None
+            kept.append(g)
+        return kept
+
+    def _valid_optimizers(self) -> dict:
+        if self.optimizers_dict is not None:
+            return self.freeze_optimizers(self.optimizers_dict)
+        return {"optimizer": self.optimizer}
+
+    def _tensorboard(self):
+        directory = getattr(self.hparams, "tensorboard_dir", None)
+        if directory is None:
+            return None
+        if self._tb_writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb_writer = SummaryWriter(directory)
+        return self._tb_writer
+
+
+class PerCoreBrain(PrivasrBrain):
+    """``sb.Brain`` with per-core (or per-example) clipping in ``fit_batch``."""
+
+    def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
+        super().__init__(modules, opt_class, hparams, run_opts, checkpointer)
+        self.clip_config = ClippingConfig.from_hparams(self.hparams)
+        if self.clip_config.core_grad_mode == "ghost" and type(self).fit_batch is not PerCoreBrain.fit_batch:
+            # ghost lives in the per-core step (_accumulate_cores); a Brain with its own fit_batch
+            # (DPSGDBrain) would otherwise run another mode under the name 'ghost'
+            raise ValueError(f"core_grad_mode 'ghost' is implemented by PrivateBrain's per-core step; "
+                             f"{type(self).__name__} trains with its own fit_batch, which does not use it: "
+                             f"choose loop or vmap")
+        self._accumulator: Optional[CoreAccumulator] = None
+        self.last_stats: Optional[AggregationStats] = None
+        core_log_dir = getattr(self.hparams, "core_log_dir", None)
+        self._core_log = CoreLog(core_log_dir, world_info()[0]) if core_log_dir else None
+        self._core_labels: Optional[list] = []
+        self._warned_unequal_shards = False
+        self._clip_monitor: Optional[ClippingMonitor] = (
+            ClippingMonitor() if self.clip_config.clipping in ("pcc", "pec", "global") else None)
+
+    # -- optional recipe hooks of the per-core step ----------------------------------------
     def shard_loss_reduction(self) -> Optional[str]:
         """How :meth:`shard_loss` reduces over a shard's examples: ``"mean"`` (the default) or ``"sum"``.
 
@@ -405,25 +533,6 @@ class PrivateBrain(sb.Brain):
         :func:`privasr.core_log.shard_partition` splits the batch's examples.
         """
         return None
-
-    def _fit_train(self, train_set, epoch, enable):
-        generator = getattr(train_set, "privasr_epoch_generator", None)
-        if generator is not None:
-            generator.manual_seed(seed_for_epoch(self._seed(), epoch))
-        super()._fit_train(train_set, epoch, enable)
-        self._check_clipping_acted(epoch)
-        if self._tb_writer is not None:  # an epoch's statistics on disk now, not at the writer's next timer
-            self._tb_writer.flush()
-
-    def _seed(self) -> int:
-        seed = getattr(self.hparams, "seed", None)
-        return int(seed if isinstance(seed, int) else os.environ.get("SB_GLOBAL_SEED", 0))
-
-    def _should_save_intra_epoch_ckpt(self, last_ckpt_time, steps_since_ckpt):
-        """Never inside gradient accumulation: a half-accumulated step is not part of a checkpoint."""
-        if self.step % self.grad_accumulation_factor != 0:
-            return False
-        return super()._should_save_intra_epoch_ckpt(last_ckpt_time, steps_since_ckpt)
 
     # -- the training step ------------------------------------------------------------
     def fit_batch(self, batch):
@@ -487,13 +596,8 @@ class PrivateBrain(sb.Brain):
             self._monitor_clipping(stats, grads)
         self._log_step(stats)
 
-    def _check_nonfinite_patience(self) -> None:
-        if self.counters.skipped_steps > self.nonfinite_patience:
-            raise NonFiniteGradientsError(
-                f"training stopped: {self.counters.skipped_steps} optimizer steps skipped because every core's "
-                f"gradient was NaN/Inf (more than nonfinite_patience={self.nonfinite_patience}); check the data "
-                f"and the learning rate, or raise --nonfinite_patience"
-            )
+    def on_train_epoch_end(self, epoch) -> None:
+        self._check_clipping_acted(epoch)
 
     # -- a bound that never clips -----------------------------------------------------------
     def _monitor_clipping(self, stats: AggregationStats, grads) -> None:
@@ -518,54 +622,6 @@ class PrivateBrain(sb.Brain):
             "exactly like clipping 'none'; choose a bound below the norms, e.g. --clip_bound %.3g",
             self.clip_config.clip_bound, epoch, norms.numel(), what, float(norms.min()), float(norms.max()),
             float(norms.median()), self.clip_config.clipping, float(norms.median()))
-
-    def _step_optimizers(self, grads) -> None:
-        grads = self._final_update(grads)
-        for (_, param), g in zip(trainable_parameters(self.modules), grads):
-            param.grad = g
-        for opt in self._valid_optimizers().values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        self.optimizer_step += 1
-
-    def _final_update(self, grads) -> list:
-        r"""SpeechBrain's ``optimizers_step`` options, applied to the aggregated update :math:`g`.
-
-        Per-core clipping has already dropped every non-finite core, so these act on the
-        update the optimizer is about to take (identical on every process), in this order:
-
-        1. ``skip_nonfinite_grads``: a parameter whose aggregated gradient holds a NaN/Inf
-           gets ``None`` (not updated this step), as ``sb.Brain.check_gradients`` does; done
-           first so that one such parameter cannot make the norm of step 2 NaN.
-        2. ``max_grad_norm`` :math:`m > 0` (when given): :math:`g \leftarrow g \cdot
-           \min(1, m / \lVert g \rVert)` with the norm over *all* trainable parameters
-           (SpeechBrain clips ``param_groups[0]`` only); the maths of ``global`` clipping
-           (:func:`privasr.clipping.core_norm`, :func:`privasr.clipping.global_clip_factor`).
-
-        Returns a new list; ``grads`` is not modified. Sets :attr:`last_update_factor`.
-        """
-        if self.skip_nonfinite_grads:
-            grads = self._drop_nonfinite_parameters(grads)
-        self.last_update_factor = 1.0
-        if self.update_max_norm is not None:
-            self.last_update_factor = global_clip_factor(float(core_norm(grads)), self.update_max_norm)
-            grads = [None if g is None else g * self.last_update_factor for g in grads]
-        return list(grads)
-
-    def _drop_nonfinite_parameters(self, grads) -> list:
-        kept = []
-        for (name, _), g in zip(trainable_parameters(self.modules), grads):
-            if g is not None and not torch.isfinite(g).all():
-                logger.warning("step %d: the aggregated gradient of %s holds NaN/Inf: not updated "
-                               "(skip_nonfinite_grads)", self.optimizer_step + 1, name)
-                g = None
-            kept.append(g)
-        return kept
-
-    def _valid_optimizers(self) -> dict:
-        if self.optimizers_dict is not None:
-            return self.freeze_optimizers(self.optimizers_dict)
-        return {"optimizer": self.optimizer}
 
     # -- logging ----------------------------------------------------------------------
     def _log_step(self, stats: AggregationStats) -> None:
@@ -597,12 +653,6 @@ class PrivateBrain(sb.Brain):
         writer.add_scalar("clipping/dropped_cores_total", dropped_total, step)
         writer.add_scalar("clipping/skipped_steps_total", self.counters.skipped_steps, step)
 
-    def _tensorboard(self):
-        directory = getattr(self.hparams, "tensorboard_dir", None)
-        if directory is None:
-            return None
-        if self._tb_writer is None:
-            from torch.utils.tensorboard import SummaryWriter
 
-            self._tb_writer = SummaryWriter(directory)
-        return self._tb_writer
+#: The per-core Brain under the name recipes and subclasses (DPSGDBrain) use.
+PrivateBrain = PerCoreBrain
