@@ -77,15 +77,14 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
             interrupted_hint: str = "") -> int:
     """Run ``main(argv)``; return its exit status, each failure reported as one line ``prog: error: ...``.
 
-    ======================================  ===========================================================
-    ``main`` returns an integer / ``None``  that status (e.g. 1: a check failed) / 0
-    ``SystemExit`` (``--help``, a parse     its code, returned rather than raised, so ``main(argv)``
-    error :class:`CliParser` reported)      called in-process returns the status the command would have
-    :class:`NonFiniteGradientsError`        1: the run diverged (checked before ``user_errors``)
-    one of ``user_errors``                  2: the input is wrong
-    ``KeyboardInterrupt``                   130, ``prog: interrupted; <interrupted_hint>``
-    anything else                           propagates (a bug: its traceback)
-    ======================================  ===========================================================
+    * ``main`` returns an integer: that status (e.g. 1: a check failed); anything else (``None``): 0;
+    * ``SystemExit`` (``--help``: 0; a bad option, already reported by :class:`CliParser`: 2): its code,
+      returned rather than raised, so ``main(argv)`` called in-process returns the command's status;
+    * :class:`NonFiniteGradientsError`: 1, the run diverged (checked before ``user_errors``, of which
+      its base ``RuntimeError`` is one by default);
+    * one of ``user_errors``: 2, the input is wrong;
+    * ``KeyboardInterrupt``: 130, ``prog: interrupted; <interrupted_hint>``;
+    * anything else propagates: a bug, with its traceback.
 
     The message is :func:`one_line` of the error, with `` (rank N)`` on ranks other than 0 of a
     torchrun job. ``PRIVASR_DEBUG=1`` re-raises the two errors instead, for a traceback.
