@@ -116,7 +116,7 @@ def test_norms_ratios_and_prediction_on_a_trained_model(trained, tmp_path, capsy
         assert entry["n"] == len(norms) and entry["r_median"] == pytest.approx(np.median(norms) / np.median(n))
         assert f"| canaries x{count} | {len(norms)} | 0 | " in table
 
-    assert f"| normal | 6 | 0 | {np.quantile(n, 0.1):.3g} | {np.median(n):.3g} |" in table
+    assert f"| normal | 6 | 0 | 0 | {np.quantile(n, 0.1):.3g} | {np.median(n):.3g} |" in table
     assert f"| 2 | {math.sqrt((r_median ** 2 + 1) / 2):.3g} | {math.sqrt((r_mean ** 2 + 1) / 2):.3g} |" in table
     assert f"| 1 (PEC) | {r_median:.3g} |" in table
     assert list(got["norms"]["normal"]) == canary_gradients.draw_normal(
@@ -159,3 +159,17 @@ def test_bad_input_is_one_line_and_writes_nothing(options, fragment, trained, tm
     assert status == 2 and len(lines) == 1, lines
     assert lines[0].startswith("privasr-canary-gradients: error: ") and fragment in lines[0], lines
     assert not report.exists()
+
+
+def test_canaries_ctc_cannot_align_are_counted_apart_and_all_of_them_refused():
+    """A zero norm (CTC's infinite loss, zeroed: too many characters for the frames) is no gradient at all:
+    counted in its own column and left out of r; canaries that are all like that are refused in one line."""
+    from privasr.cli.canary_gradients import markdown, report
+    from privasr.faults import UserError
+
+    result = report({"c1": 0.0, "c2": 3.0, "c3": 3.0}, {"n1": 1.0, "n2": 2.0, "n3": 1.5}, None, [1])
+    assert result["canaries"]["zero"] == 1 and result["canaries"]["n"] == 3
+    assert result["canaries"]["r_median"] == pytest.approx(3.0 / 1.5)
+    assert "| canaries | 3 | 0 | 1 |" in markdown(result, [1])
+    with pytest.raises(UserError, match="of 2: 0 non-finite, 2 zero.*CTC cannot align them"):
+        report({"c1": 0.0, "c2": 0.0}, {"n1": 1.0}, None, [1])
