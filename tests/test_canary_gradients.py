@@ -55,7 +55,7 @@ def independent_norm(overrides: list[str], out, wav: str, words: str) -> float:
     loaded by hand, evaluation mode (no dropout, no SpecAugment), plain ``torch.autograd.grad``."""
     import soundfile
 
-    from privasr.faults import load_hparams, parse_arguments
+    from privasr.cli.hparams import load_hparams, parse_arguments
 
     hparams_file, _, yaml_overrides = parse_arguments([YAML, *overrides])
     hparams = load_hparams(hparams_file, yaml_overrides)
@@ -165,7 +165,7 @@ def test_canaries_ctc_cannot_align_are_counted_apart_and_all_of_them_refused():
     """A zero norm (CTC's infinite loss, zeroed: too many characters for the frames) is no gradient at all:
     counted in its own column and left out of r; canaries that are all like that are refused in one line."""
     from privasr.cli.canary_gradients import markdown, report
-    from privasr.faults import UserError
+    from privasr.errors import UserError
 
     result = report({"c1": 0.0, "c2": 3.0, "c3": 3.0}, {"n1": 1.0, "n2": 2.0, "n3": 1.5}, None, [1])
     assert result["canaries"]["zero"] == 1 and result["canaries"]["n"] == 3
