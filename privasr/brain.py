@@ -46,7 +46,7 @@ refused by :func:`check_run_options` before anything is built (``--precision fp1
 when given (command line or YAML key): SpeechBrain's implicit default of 5.0 would silently
 add global clipping to every ``clipping`` method, ``none`` included.
 
-Faults (see :mod:`privasr.resume` and :mod:`privasr.faults`):
+Faults (see :mod:`privasr.resume` and :mod:`privasr.errors`):
 
 * resuming is exact: the checkpointer is made atomic, and the RNG states of every process
   (:class:`privasr.resume.RandomState`) and :class:`RunCounters` are checkpointed with the
@@ -55,7 +55,7 @@ Faults (see :mod:`privasr.resume` and :mod:`privasr.faults`):
   ``ckpt_interval_steps > 0`` replaces ``ckpt_interval_minutes``;
 * a core with a NaN/Inf gradient is dropped, counted and logged with its index; a step
   whose every core is non-finite is skipped; more than ``nonfinite_patience`` skipped
-  steps in a run raise :class:`privasr.faults.NonFiniteGradientsError`;
+  steps in a run raise :class:`privasr.errors.NonFiniteGradientsError`;
 * ``pcc``/``pec``/``global`` with a bound that clipped nothing in the first epoch are
   warned about, with the measured norms (such a run is unclipped training).
 """
@@ -74,7 +74,7 @@ from privasr.clipping import (AggregationStats, check_method, clipped_fraction, 
                               shrunk_cores)
 from privasr.core_log import CoreLog
 from privasr.distributed import ALLREDUCE_DTYPES, CoreAccumulator, broadcast_parameters, gather_norms, world_info
-from privasr.faults import NonFiniteGradientsError, UserError
+from privasr.errors import NonFiniteGradientsError, UserError
 from privasr.per_sample import trainable_parameters
 from privasr.private_step import CORE_GRAD_MODES, STRATEGIES, accumulate_cores, unequal_cores_message
 from privasr.resume import PerRankState, RandomState, make_atomic, register_per_rank, seed_for_epoch
@@ -177,8 +177,8 @@ class ClippingMonitor:
 class UnsupportedRunOption(UserError, ValueError):
     """A SpeechBrain run option privasr cannot honour; one line saying why and what to use instead.
 
-    A :class:`~privasr.faults.UserError` (``train.py: error: ...``, exit status 2 through
-    :func:`privasr.faults.run_cli`) and a ``ValueError`` (what ``sb.Brain`` raises on bad options).
+    A :class:`~privasr.errors.UserError` (``train.py: error: ...``, exit status 2 through
+    :func:`privasr.cli.run_cli`) and a ``ValueError`` (what ``sb.Brain`` raises on bad options).
     """
 
 
