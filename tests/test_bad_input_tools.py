@@ -200,7 +200,7 @@ def test_a_real_command_exits_2_with_one_line():
 
 
 # -- the layout: the code in privasr.cli, thin executables in tools/, no package named `tools` -------------
-THIN_TOOLS = sorted(p.stem for p in (REPO_ROOT / "tools").glob("*.py") if p.stem != "bench_ghost")
+THIN_TOOLS = sorted(p.stem for p in (REPO_ROOT / "tools").glob("*.py"))
 
 
 def test_every_console_script_runs_a_privasr_cli_main():

@@ -8,6 +8,7 @@ called in-process); ``tools/<module>.py`` is a thin executable over it, and
 ``privasr-bench``             :mod:`privasr.cli.bench_clipping` -- clipping strategies under real DDP
 ``privasr-bench-dp``          :mod:`privasr.cli.bench_dp` -- a DP-SGD step next to a non-private one
 ``privasr-bench-recipe``      :mod:`privasr.cli.bench_recipe` -- the recipe's step with/without speed-ups
+``privasr-bench-ghost``       :mod:`privasr.cli.bench_ghost` -- PEC step cost: none / vmap / loop / ghost
 ``privasr-canaries``          :mod:`privasr.cli.make_canaries` -- Secret Sharer canaries and holdout
 ``privasr-exposure``          :mod:`privasr.cli.score_exposure` -- exposure of canaries; compare runs
 ``privasr-accountant``        :mod:`privasr.cli.accountant` -- epsilon, or the sigma meeting a target

@@ -50,6 +50,11 @@ class BestRQBrain(PrivateBrain):
     def shard_loss(self, inputs, lens, targets, mask):
         return self.modules.bestrq.loss(inputs, lens, targets, mask)
 
+    def shard_loss_reduction(self):
+        """None: BEST-RQ's loss is a mean over masked frames pooled across the shard's examples, not a mean of
+        per-example losses, so ``core_grad_mode: ghost`` (one forward of the whole batch) would be inexact: refused."""
+        return None
+
     # -- evaluation ------------------------------------------------------------------------
     def compute_forward(self, batch, stage):
         inputs, lens, targets, mask = self.batch_to_tensors(batch)
