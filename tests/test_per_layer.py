@@ -122,3 +122,25 @@ def test_bad_arguments():
         layer_bounds(0.0, [3], "dim")
     with pytest.raises(ValueError, match="one group index per gradient"):
         clip_per_layer([torch.zeros(2, 3)], [0, 0], [1.0])
+
+
+@pytest.mark.parametrize("mode", ["flat", "dim"])
+def test_factors_from_squared_norms_are_those_of_clip_per_layer(mode):
+    """The ghost route's factors (from per-parameter squared norms) reproduce clip_per_layer's sum and counts."""
+    torch.manual_seed(0)
+    model = Tiny()
+    x, y = torch.randn(6, 3) * 5, torch.randint(0, 2, (6,))
+    grads = per_example_grads(model, x, y)
+    grads[0][2] = float("nan")  # example 2 is dropped by both
+    clipper = PerLayerClipper(model.named_parameters(), max_norm=0.3, mode=mode)
+    expected = clipper(grads)
+    sq = {n: g.reshape(6, -1).double().pow(2).sum(1) for n, g in zip(clipper.names, grads)}
+    factors, finite, clipped = clipper.factors_from_sq_norms(sq)
+    assert finite.tolist() == [True, True, False, True, True, True] and float(factors[:, 2].abs().sum()) == 0.0
+    safe = [torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, torch.zeros_like(g)) for g in grads]
+    summed = [torch.einsum("b,b...->...", factors[k].float(), g) for g, k in zip(safe, clipper.group_of)]
+    for got, want in zip(summed, expected.summed):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+    assert clipped == expected.clipped_fraction
+    with pytest.raises(ValueError, match="sq_norms lacks 1 trained parameter"):
+        clipper.factors_from_sq_norms({n: v for n, v in list(sq.items())[1:]})

@@ -5,6 +5,7 @@ One step :math:`t` (Abadi et al. 2016, with the per-layer clipping of the DP enc
     B_t ⊂ [N], each example in with probability q        PoissonBatchSampler; rank r keeps B_t[r::W]
     g_i  = ∇_θ ℓ(θ; x_i)            for i ∈ B_t           privasr.per_sample (trained parameters only)
     ḡ_i  = clip(g_i)                                       privasr.dp.per_layer (flat | uniform | dim)
+    (ghost: Σ_i ḡ_i from ghost norms, no g_i formed)       privasr.ghost + ghost_clipped_sum
     g̃_t  = (Σ_i ḡ_i + 𝒩(0, σ²C² I)) / (qN)                privasr.dp.noise.privatize
     θ   ← optimizer(θ, g̃_t);   ledger += (σ, q)            privasr.accounting.PrivacyLedger
 
@@ -41,8 +42,10 @@ Hyper-parameters (all in the recipe's YAML):
 ``target_epsilon``         stop before ε would exceed it (default: none)
 ``noise_seed``             ``null`` = secret seed from the OS (default); an int for tests
 ``sampling_seed``          Poisson sampling seed, shared by all ranks (default: ``seed``)
-``dp_micro_batch``         examples per vmap call (memory bound; default 8)
-``core_grad_mode``         ``loop`` | ``vmap`` per-example gradients (default ``loop``)
+``dp_micro_batch``         examples per vmap call or ghost pass (memory bound; default 8)
+``core_grad_mode``         ``loop`` | ``vmap`` per-example gradients, or ``ghost``: per-example
+                           (per-layer) norms and the clipped sum with no per-example
+                           gradient (:func:`ghost_clipped_sum`; default ``loop``)
 ``layer_regex``            layer grouping for per-layer clipping and freezing
 ``privacy_file``           JSON results (default ``<output_folder>/privacy.json``)
 ``warm_start_epochs``      epochs over the public set (warm-start; default 0)
@@ -56,6 +59,7 @@ Hyper-parameters (all in the recipe's YAML):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -77,9 +81,11 @@ from privasr.accounting import ACCOUNTANTS, PrivacyLedger
 from privasr.brain import CORE_GRAD_MODES, PrivateBrain
 from privasr.distributed import world_info
 from privasr.dp.noise import all_reduce_sum, make_generator, privatize
+from privasr.dp.memory import estimate, trace_layers
 from privasr.dp.per_layer import CLIP_MODES, ClipResult, PerLayerClipper
 from privasr.dp.poisson import PoissonBatchSampler
 from privasr.freezing import LayerFreezer
+from privasr.ghost import ghost_pass, summed_shard_loss
 from privasr.per_sample import shard_grads_loop, shard_grads_vmap, trainable_parameters
 
 logger = logging.getLogger(__name__)
@@ -226,20 +232,26 @@ def _dense(grads: Sequence[Optional[torch.Tensor]], params: Sequence[torch.nn.Pa
 
 
 def clipped_example_sum(module: torch.nn.Module, loss_fn, tensors: Sequence[torch.Tensor], clipper: PerLayerClipper,
-                        grad_mode: str = "loop", micro_batch: int = 8):
+                        grad_mode: str = "loop", micro_batch: int = 8, ghost_loss_fn=None):
     r""":math:`\sum_i \mathrm{clip}(\nabla_\theta \ell(\theta; x_i))` over the examples of ``tensors`` (dim 0).
 
     Args:
         module: owns the trained parameters (those with ``requires_grad``, in the clipper's order).
         loss_fn: ``loss_fn(*example_tensors) -> scalar`` for a batch of one example.
         clipper: a :class:`~privasr.dp.per_layer.PerLayerClipper` built on ``module``'s trained parameters.
-        grad_mode: ``loop`` (one backward per example, memory of one gradient) or ``vmap``
-            (``micro_batch`` examples per vectorised call).
+        grad_mode: ``loop`` (one backward per example, memory of one gradient), ``vmap``
+            (``micro_batch`` examples per vectorised call) or ``ghost`` (``micro_batch`` examples per
+            recorded forward + backward, no per-example gradient: :func:`ghost_clipped_sum`).
+        ghost_loss_fn: for ``ghost``, ``ghost_loss_fn(*batch_tensors)`` -> each example's loss
+            ``[n]`` (its ``loss_fn`` alone), or their sum (a scalar).
 
     Returns:
         ``(sums, losses, results)``: one summed tensor per trained parameter, the per-example
-        losses ``[B]``, and the :class:`~privasr.dp.per_layer.ClipResult` of each chunk.
+        losses ``[B]`` (ghost with a summed loss: each example carries its chunk's mean loss), and the
+        :class:`~privasr.dp.per_layer.ClipResult` of each chunk.
     """
+    if grad_mode not in CORE_GRAD_MODES:
+        raise ValueError(f"unknown grad_mode {grad_mode!r}; accepted: {', '.join(CORE_GRAD_MODES)}")
     params = [p for _, p in trainable_parameters(module)]
     batch = tensors[0].shape[0]
     sums, losses, results = None, [], []
@@ -248,23 +260,72 @@ def clipped_example_sum(module: torch.nn.Module, loss_fn, tensors: Sequence[torc
             results.append(clipper([g.unsqueeze(0) for g in _dense(grads, params)]))
             losses.append(loss.view(1))
             sums = _add(sums, results[-1].summed)
-    else:
-        for start in range(0, batch, micro_batch):
-            chunk = [t[start:start + micro_batch] for t in tensors]
-            grads, chunk_losses = shard_grads_vmap(module, loss_fn, chunk, chunk[0].shape[0])
-            results.append(clipper(grads))
-            losses.append(chunk_losses.reshape(-1))
-            sums = _add(sums, results[-1].summed)
+        return sums, torch.cat(losses), results
+    if grad_mode == "ghost" and ghost_loss_fn is None:
+        raise ValueError("grad_mode 'ghost' needs ghost_loss_fn: each example's loss [n] (or their sum) from one "
+                         "forward of the batch")
+    for start in range(0, batch, micro_batch):
+        chunk = [t[start:start + micro_batch] for t in tensors]
+        size = chunk[0].shape[0]
+        if grad_mode == "ghost":
+            result, chunk_losses = ghost_clipped_sum(module, ghost_loss_fn, chunk, clipper)
+        else:
+            grads, chunk_losses = shard_grads_vmap(module, loss_fn, chunk, size)
+            result = clipper(grads)
+        results.append(result)
+        chunk_losses = chunk_losses.reshape(-1)
+        losses.append(chunk_losses if chunk_losses.numel() == size else (chunk_losses / size).expand(size))
+        sums = _add(sums, result.summed)
     return sums, torch.cat(losses), results
+
+
+def ghost_clipped_sum(module: torch.nn.Module, loss_fn, tensors: Sequence[torch.Tensor], clipper: PerLayerClipper):
+    r"""Per-layer clipped sum of a chunk by ghost norms: no per-example gradient is formed.
+
+    One recorded forward + backward (:func:`privasr.ghost.ghost_pass`) gives every example's
+    squared norm per parameter, :math:`\|\nabla_{\theta_p}\ell_i\|^2`. Group :math:`k`'s norm is
+    :math:`\sqrt{\sum_{p \in k} \|\nabla_{\theta_p}\ell_i\|^2}` and its factors
+    :math:`f_{k,i}` come from :meth:`PerLayerClipper.factors_from_sq_norms` (the rule of
+    :func:`~privasr.dp.per_layer.clip_per_layer`). The sum :math:`\sum_i f_{k,i} \nabla_{\theta_p}\ell_i`
+    for :math:`p \in k` is book-keeping: every parameter's per-example gradient is a function of its
+    own recorded activations and output gradients (:class:`privasr.ghost.GhostPass`), so each
+    group is summed with its own factors -- one factor per (group, example), one backward in all.
+    Non-finite examples get factor 0 and their rows are replaced by zeros (never ``0 * NaN``).
+
+    Returns:
+        ``(ClipResult, losses)``: what :func:`~privasr.dp.per_layer.clip_per_layer` returns for the
+        vmap gradients of the chunk, and ``loss_fn``'s result (detached).
+    """
+    result = ghost_pass(module, loss_fn, tensors)
+    if result.names != clipper.names:
+        raise ValueError("the clipper's parameters are not the module's trained parameters in order; rebuild the "
+                         "clipper after freezing (DPSGDBrain.clipper() does)")
+    factors, finite, clipped = clipper.factors_from_sq_norms(result.sq_norms)
+    params = dict(trainable_parameters(module))
+    summed: dict = {}
+    for k, members in enumerate(clipper.groups.values()):
+        group = dataclasses.replace(result, names=list(members))  # the same records, this group's parameters
+        for name, total in zip(members, group.weighted_sum(factors[k], finite, [params[n].shape for n in members])):
+            summed[name] = torch.zeros_like(params[name]) if total is None else total  # unused: zero gradient
+    kept = int(finite.sum())
+    return ClipResult([summed[n] for n in clipper.names], kept, int(finite.numel()) - kept, clipped), result.losses
 
 
 # -- the Brain -----------------------------------------------------------------------------
 class DPSGDBrain(PrivateBrain):
     """``PrivateBrain`` whose training step is DP-SGD (see the module docstring)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
+        # DP-SGD's core_grad_mode is DPConfig.grad_mode, used by this class's own fit_batch; the
+        # per-core step's config (PerCoreBrain, unused here) refuses 'ghost' for a Brain with its own
+        # fit_batch, so it is built with loop and the DP mode is restored on self.hparams after.
+        hparams = dict(hparams or {})
+        grad_mode = hparams.get("core_grad_mode", "loop")
+        super().__init__(modules, opt_class, {**hparams, "core_grad_mode": "loop"}, run_opts, checkpointer)
+        self.hparams.core_grad_mode = grad_mode
         self.dp = DPConfig.from_hparams(self.hparams)
+        if self.dp.grad_mode == "ghost":
+            self._ghost_loss()  # refused now, not at the first step, when the recipe cannot say its per-example losses
         if self.grad_accumulation_factor != 1:
             raise ValueError("DP-SGD takes one Poisson batch per step: set grad_accumulation_factor to 1 "
                              f"(got {self.grad_accumulation_factor}); dp_micro_batch bounds the memory instead")
@@ -277,6 +338,7 @@ class DPSGDBrain(PrivateBrain):
         self.sampler: Optional[PoissonBatchSampler] = None
         self._clipper: Optional[PerLayerClipper] = None
         self._budget: Optional[int] = None
+        self._memory_logged = False
         self.stopped_at_target = False
         if self.checkpointer is not None:
             self.checkpointer.add_recoverable("privacy_ledger", self.ledger)
@@ -378,19 +440,67 @@ class DPSGDBrain(PrivateBrain):
                                             self.dp.clip_mode, self.dp.layer_regex)
         return self._clipper
 
+    def example_losses(self, *tensors) -> torch.Tensor:
+        """Optional, for ``core_grad_mode: ghost``: each example's loss ``[n]`` from ONE forward of the batch.
+
+        Example ``i``'s entry must equal ``shard_loss`` of example ``i`` alone (what loop and vmap
+        differentiate), e.g. BEST-RQ's ``loss(..., reduction="per_example")``. Not overridden, ghost
+        uses ``shard_loss`` of the whole batch when :meth:`shard_loss_reduction` declares it a mean
+        (or sum) of per-example losses, and is refused otherwise.
+        """
+        raise NotImplementedError
+
+    def _ghost_loss(self):
+        """The loss ghost differentiates: per-example losses, or the sum of the examples' shard losses.
+
+        A wrong one would clip the wrong per-example gradients, so the sensitivity (and the
+        guarantee) would not hold: a recipe that declares neither is refused, naming both hooks.
+        """
+        if type(self).example_losses is not DPSGDBrain.example_losses:
+            return self.example_losses
+        reduction = self.shard_loss_reduction()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"core_grad_mode 'ghost' needs each example's loss from one forward of the batch, but "
+                f"{type(self).__name__}.shard_loss is not a mean or sum of per-example losses "
+                f"(shard_loss_reduction() = {reduction!r}): define {type(self).__name__}.example_losses(*tensors) "
+                "-> [n] (each example's shard_loss alone), or use core_grad_mode loop or vmap")
+        return summed_shard_loss(self.shard_loss, 1, reduction)
+
     def _clipped_sum(self, batch):
         r"""This rank's :math:`\sum_{i \in B_t^r} \bar g_i`, the mean loss and clipping statistics."""
         if isinstance(batch, EmptyBatch):
             zeros = [torch.zeros_like(p) for _, p in trainable_parameters(self.modules)]
             return zeros, torch.tensor(float("nan")), None
         tensors = self.batch_to_tensors(batch)
+        ghost_loss = self._ghost_loss() if self.dp.grad_mode == "ghost" else None
+        if not self._memory_logged:
+            self._log_memory(tensors, ghost_loss)
         with self.training_ctx:
             sums, losses, results = clipped_example_sum(self.modules, self.shard_loss, tensors, self.clipper(),
-                                                        self.dp.grad_mode, self.dp.micro_batch)
+                                                        self.dp.grad_mode, self.dp.micro_batch, ghost_loss)
         self.counters.dropped_cores += sum(r.num_dropped for r in results)
         finite = losses[torch.isfinite(losses)]
         loss = finite.mean() if finite.numel() else torch.tensor(float("nan"))
         return sums, loss.detach().cpu(), results
+
+    def _log_memory(self, tensors, ghost_loss) -> None:
+        """One line at the first non-empty batch: per-example gradients vs ghost's records (:mod:`privasr.dp.memory`).
+
+        Logged here, not in on_fit_start: ghost's memory grows with the positions :math:`L` (and
+        :math:`L^2`) of every layer, which only a batch knows. The shapes come from one forward of
+        the first chunk without gradients, outside the RNG streams of training (forked).
+        """
+        self._memory_logged = True
+        chunk = [t[:self.dp.micro_batch] for t in tensors]
+        loss_fn = ghost_loss or self.shard_loss
+        cuda = [torch.device(self.device).index or 0] if torch.device(self.device).type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            layers = trace_layers(self.modules, lambda: loss_fn(*chunk), chunk[0].shape[0])
+        _, world = world_info()
+        est = estimate(layers, self.modules, self.sampler.expected_batch_size / world, self.dp.micro_batch)
+        logger.info("DP-SGD (%s), %d examples padded to %s: %s", self.dp.grad_mode, tensors[0].shape[0],
+                    tuple(tensors[0].shape[1:]), est.line())
 
     def _params(self) -> List[torch.nn.Parameter]:
         return [p for _, p in trainable_parameters(self.modules)]

@@ -129,6 +129,35 @@ def _finite_examples(per_example: Sequence[torch.Tensor]) -> torch.Tensor:
     return finite
 
 
+def group_factors(sq_norms: torch.Tensor, finite: torch.Tensor, bounds: Sequence[float]
+                  ) -> Tuple[torch.Tensor, List[float]]:
+    r"""The clip factors of every (group, example): the one rule of per-layer clipping.
+
+    .. math::
+
+        f_{k,i} = \mathbb{1}[i \text{ finite}] \cdot \min\Big(1, \frac{C_k}{\|g_{i,k}\|_2 + 10^{-6}}\Big).
+
+    Args:
+        sq_norms: ``[K, B]`` squared group norms :math:`\|g_{i,k}\|^2` (float64; zeros for
+            non-finite examples, whose factor is 0 whatever their norm).
+        finite: ``[B]`` bool, the examples whose gradient is finite.
+        bounds: :math:`C_k`, ``K`` of them.
+
+    Returns:
+        ``(factors [K, B] float64, clipped_fraction)``: per group, the fraction of the finite
+        examples that were clipped (:math:`\|g_{i,k}\| > C_k`).
+    """
+    if sq_norms.dim() != 2 or sq_norms.shape[0] != len(bounds) or finite.shape != sq_norms.shape[1:]:
+        raise ValueError(f"sq_norms must be [groups={len(bounds)}, examples] and finite [examples], got "
+                         f"{tuple(sq_norms.shape)} and {tuple(finite.shape)}")
+    norms = sq_norms.to(torch.float64).sqrt()
+    bound = torch.tensor(list(bounds), dtype=torch.float64, device=norms.device).unsqueeze(1)
+    factors = (bound / (norms + _EPS)).clamp(max=1.0) * finite
+    kept = int(finite.sum())
+    clipped = ((norms > bound) & finite).sum(dim=1).double() / max(kept, 1)
+    return factors, clipped.tolist()
+
+
 def clip_per_layer(
     per_example: Sequence[torch.Tensor],
     group_of: Sequence[int],
@@ -158,13 +187,10 @@ def clip_per_layer(
     sq = torch.zeros(len(bounds), batch, dtype=torch.float64, device=grads[0].device)
     for g, k in zip(grads, group_of):
         sq[k] += g.reshape(batch, -1).double().pow(2).sum(dim=1)
-    norms = sq.sqrt()
-    bound = torch.tensor(list(bounds), dtype=torch.float64, device=norms.device).unsqueeze(1)
-    factors = (bound / (norms + _EPS)).clamp(max=1.0) * finite
+    factors, clipped = group_factors(sq, finite, bounds)
     summed = [torch.einsum("b,b...->...", factors[k].to(g.dtype), g) for g, k in zip(grads, group_of)]
     kept = int(finite.sum())
-    clipped = ((norms > bound) & finite).sum(dim=1).double() / max(kept, 1)
-    return ClipResult(summed, kept, batch - kept, clipped.tolist())
+    return ClipResult(summed, kept, batch - kept, clipped)
 
 
 class PerLayerClipper:
@@ -201,6 +227,33 @@ class PerLayerClipper:
 
     def __call__(self, per_example: Sequence[torch.Tensor]) -> ClipResult:
         return clip_per_layer(per_example, self.group_of, self.bounds)
+
+    def factors_from_sq_norms(self, sq_norms: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, List[float]]:
+        r"""Clip factors from per-parameter squared norms, without per-example gradients.
+
+        Args:
+            sq_norms: ``{name: [B]}`` :math:`\|\nabla_{\theta_p} \ell_i\|^2` for every name of
+                :attr:`names` (e.g. :attr:`privasr.ghost.GhostPass.sq_norms`).
+
+        Returns:
+            ``(factors [K, B] float64, finite [B] bool, clipped_fraction)``: group :math:`k`'s
+            squared norm is the sum of its parameters' (:math:`\|g_{i,k}\|^2 =
+            \sum_{p \in k} \|g_{i,p}\|^2`), the factors those of :func:`group_factors`. An
+            example with a non-finite squared norm in any parameter is dropped (factor 0 in every
+            group), as :func:`clip_per_layer` drops an example with a non-finite gradient entry.
+        """
+        missing = [n for n in self.names if n not in sq_norms]
+        if missing:
+            raise ValueError(f"sq_norms lacks {len(missing)} trained parameter(s) of the clipper, e.g. "
+                             f"{missing[0]!r}: build both from the same (frozen-after) model")
+        first = sq_norms[self.names[0]]
+        sq = torch.zeros(len(self.bounds), first.shape[0], dtype=torch.float64, device=first.device)
+        for name, k in zip(self.names, self.group_of):
+            sq[k] += sq_norms[name].to(torch.float64)
+        finite = torch.isfinite(sq).all(dim=0)
+        sq = torch.where(finite, sq, torch.zeros((), dtype=sq.dtype, device=sq.device))
+        factors, clipped = group_factors(sq, finite, self.bounds)
+        return factors, finite, clipped
 
     def __repr__(self) -> str:
         return f"PerLayerClipper(mode={self.mode!r}, max_norm={self.max_norm:g}, groups={len(self.groups)})"
