@@ -198,3 +198,14 @@ def test_memory_estimate_equals_the_hand_computed_bytes():
     assert est.gram_peak == 2 * 2 * 1 * 4 ** 2 * 4  # the Linear's two T x T Gram matrices
     assert est.ghost_extra == 320 + 480 + 320 + 256
     assert "1 parameter(s) outside" in est.line()
+
+
+def test_bench_dp_rows_name_the_route():
+    from privasr.cli.bench_dp import DEFAULT_ROWS, row_settings
+
+    assert row_settings("dp-dim-ghost") == ("dim", False, "ghost")
+    assert row_settings("dp-flat-freeze-vmap") == ("flat", True, "vmap")
+    assert row_settings("dp-uniform", "ghost") == ("uniform", False, "ghost")  # --grad-mode for rows without one
+    assert {row_settings(r)[2] for r in DEFAULT_ROWS[1:]} == {"loop", "vmap", "ghost"}
+    with pytest.raises(ValueError, match="unknown row 'dp-dim-magic'"):
+        row_settings("dp-dim-magic")

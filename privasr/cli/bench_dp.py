@@ -7,9 +7,12 @@ DP-SGD step is the one of :class:`privasr.dp.brain.DPSGDBrain`: per-example grad
 division by the expected batch, SGD update. Ratios are to ``none`` (one backward per process,
 one all-reduce) measured in the same run.
 
-Rows: ``none``; ``dp-flat``, ``dp-uniform``, ``dp-dim``; with ``-freeze`` the lowest-score half
-of the layers (LayerFreeze scores from one gradient of the batch) is frozen first, so those
-layers get no per-example gradient, clipping or noise.
+Rows: ``none``; ``dp-<flat|uniform|dim>[-freeze][-<loop|vmap|ghost>]``: the clipping, with
+``-freeze`` the lowest-score half of the layers (LayerFreeze scores from one gradient of the
+batch) frozen first, so those layers get no per-example gradient, clipping or noise, and the
+per-example route (default ``--grad-mode``): ``loop``/``vmap`` per-example gradients, or ``ghost``
+(:func:`privasr.dp.brain.ghost_clipped_sum`: ghost norms and book-keeping, none formed). The
+default rows put the three routes side by side for flat and dim clipping.
 
     privasr-bench-dp --nproc 2 --batch 4 --seconds 2 --json bench_dp.json
 """
@@ -26,16 +29,20 @@ import torch.multiprocessing as mp
 from privasr.cli import CliParser, bench_clipping, fraction, positive_int, run_cli
 
 PROG = "privasr-bench-dp"
-DEFAULT_ROWS = ["none", "dp-flat", "dp-dim", "dp-flat-freeze", "dp-dim-freeze"]
+DEFAULT_ROWS = ["none", "dp-flat-loop", "dp-flat-vmap", "dp-flat-ghost", "dp-dim-loop", "dp-dim-vmap", "dp-dim-ghost",
+                "dp-dim-freeze-ghost"]
 DP_MODES = ("flat", "uniform", "dim")
+GRAD_MODES = ("loop", "vmap", "ghost")
 
 
-def row_settings(name: str):
-    """``(clip mode, freeze)`` of a DP row name (``dp-<mode>[-freeze]``)."""
+def row_settings(name: str, default_grad_mode: str = "loop"):
+    """``(clip mode, freeze, grad mode)`` of a DP row name (``dp-<mode>[-freeze][-<grad mode>]``)."""
     parts = name.split("-")
+    grad_mode = parts.pop() if len(parts) > 2 and parts[-1] in GRAD_MODES else default_grad_mode
     if parts[0] != "dp" or len(parts) not in (2, 3) or parts[1] not in DP_MODES or parts[2:] not in ([], ["freeze"]):
-        raise ValueError(f"unknown row {name!r}; rows: none or dp-<{'|'.join(DP_MODES)}>[-freeze]")
-    return parts[1], len(parts) == 3
+        raise ValueError(f"unknown row {name!r}; rows: none or dp-<{'|'.join(DP_MODES)}>[-freeze]"
+                         f"[-<{'|'.join(GRAD_MODES)}>]")
+    return parts[1], len(parts) == 3, grad_mode
 
 
 def _freeze_lowest_half(model, loss_fn, tensors, fraction: float) -> None:
@@ -58,11 +65,12 @@ def dp_step_fn(args, model, batch, strategy):
     import torch.distributed as dist
 
     from privasr.dp.brain import LAYER_REGEX, clipped_example_sum
+    from privasr.ghost import summed_shard_loss
     from privasr.dp.noise import make_generator, privatize
     from privasr.dp.per_layer import PerLayerClipper
     from privasr.per_sample import trainable_parameters
 
-    mode, freeze = row_settings(strategy)
+    mode, freeze, grad_mode = row_settings(strategy, args.grad_mode)
     feats, feat_lens = model.features(batch[0], batch[1])
     tensors = (feats, feat_lens, batch[2], batch[3])
 
@@ -73,13 +81,14 @@ def dp_step_fn(args, model, batch, strategy):
     if freeze:
         _freeze_lowest_half(model, loss_fn, tensors, args.freeze_fraction)
     clipper = PerLayerClipper(model.named_parameters(), 1.0, mode, LAYER_REGEX)
+    ghost_loss = summed_shard_loss(loss_fn, 1, "mean")  # the CTC loss is a mean of per-example losses
     params = [p for _, p in trainable_parameters(model)]
     optimizer = torch.optim.SGD(params, lr=1e-5)
     generator = make_generator(0)
     expected_batch = float(args.batch * dist.get_world_size())
 
     def step():
-        sums, _, _ = clipped_example_sum(model, loss_fn, tensors, clipper, args.grad_mode, args.micro_batch)
+        sums, _, _ = clipped_example_sum(model, loss_fn, tensors, clipper, grad_mode, args.micro_batch, ghost_loss)
         for p, g in zip(params, privatize(sums, 1.0, 1.0, expected_batch, generator)):
             p.grad = g
         optimizer.step()
@@ -107,12 +116,14 @@ def measure(args, row):
 
 def parse_args(argv=None):
     p = CliParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="none and dp-<flat|uniform|dim>[-freeze]")
+    p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
+                   help="none and dp-<flat|uniform|dim>[-freeze][-<loop|vmap|ghost>]")
     p.add_argument("--batch", type=positive_int, default=4,
                    help="utterances per process (the Poisson mean, fixed here)")
     p.add_argument("--tokens", type=positive_int, default=20, help="transcript length in tokens")
-    p.add_argument("--grad-mode", choices=("loop", "vmap"), default="loop", help="per-example gradients")
-    p.add_argument("--micro-batch", type=positive_int, default=8, help="examples per vmap call")
+    p.add_argument("--grad-mode", choices=GRAD_MODES, default="loop",
+                   help="per-example route of the rows that do not name one")
+    p.add_argument("--micro-batch", type=positive_int, default=8, help="examples per vmap call or ghost pass")
     p.add_argument("--freeze-fraction", type=fraction, default=0.5, help="layers frozen in the -freeze rows, in [0, 1]")
     p.add_argument("--steps", type=positive_int, default=3, help="timed steps (>= 1)")
     bench_clipping.model_arguments(p)
@@ -133,7 +144,7 @@ def parse_args(argv=None):
 
 def _main(argv=None):
     args = parse_args(argv)
-    bench_clipping.run_rows(args, args.rows, measure, f"per-example gradients: {args.grad_mode}; -freeze rows: "
+    bench_clipping.run_rows(args, args.rows, measure, f"rows without a route: {args.grad_mode}; -freeze rows: "
                             f"{args.freeze_fraction:.0%} of the layers frozen; ")
 
 

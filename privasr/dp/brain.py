@@ -495,10 +495,14 @@ class DPSGDBrain(PrivateBrain):
         chunk = [t[:self.dp.micro_batch] for t in tensors]
         loss_fn = ghost_loss or self.shard_loss
         cuda = [torch.device(self.device).index or 0] if torch.device(self.device).type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            layers = trace_layers(self.modules, lambda: loss_fn(*chunk), chunk[0].shape[0])
-        _, world = world_info()
-        est = estimate(layers, self.modules, self.sampler.expected_batch_size / world, self.dp.micro_batch)
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                layers = trace_layers(self.modules, lambda: loss_fn(*chunk), chunk[0].shape[0])
+            _, world = world_info()
+            est = estimate(layers, self.modules, self.sampler.expected_batch_size / world, self.dp.micro_batch)
+        except (RuntimeError, ValueError, IndexError, TypeError) as err:  # a log line must not stop training
+            logger.warning("DP-SGD memory estimate skipped (%s: %s)", type(err).__name__, err)
+            return
         logger.info("DP-SGD (%s), %d examples padded to %s: %s", self.dp.grad_mode, tensors[0].shape[0],
                     tuple(tensors[0].shape[1:]), est.line())
 
