@@ -1,35 +1,29 @@
-#!/usr/bin/env bash
-# Stages of DP pre-training (BEST-RQ + DP-SGD) and CTC fine-tuning, shared by every corpus.
-# Source it after stages.sh (which gives $python, log, die, in_stage, parse_options and
-# launch_train); the corpus's run_dp.sh sets data/exp/model_size, the corpus stages and
-#   recipe/hparams          the ASR recipe and its fine-tuning YAML (used by launch_train)
-#   ssl_recipe/ssl_hparams  the pre-training recipe and YAML
-# then calls run_dp_stages. Every stage skips work already done (re-run to resume).
-
-ssl_recipe=recipes/mini_tts/SSL/bestrq
+# shellcheck shell=bash disable=SC2154  # the options and $python come from stages.sh, sourced first
+# Stages of DP pre-training (BEST-RQ + DP-SGD) and CTC fine-tuning, shared by every corpus's run_dp.sh.
+# Sourced after stages.sh (its options, run_stage, launch_recipe, launch_train; see there). The driver defines
+# recipe/hparams (the ASR recipe and its fine-tuning YAML, for launch_train) and corpus.sh's hooks, sets the
+# options below to its own values, then calls `run_dp_stages CORPUS_ARGS`. Its options (beyond stages.sh's):
+ssl_recipe=recipes/mini_tts/SSL/bestrq   # the pre-training recipe
 ssl_hparams=hparams/bestrq_dp.yaml
 model_size=mini                   # encoder size, the same for pre-training and fine-tuning
 pretrain_args=""                  # extra overrides for the pre-training, e.g. "--noise_multiplier 1.5"
-stages_help="0 corpus, 1 manifests, 2 tokenizer, 3 DP pre-training, 4 fine-tuning from the DP encoder, 5 fine-tuning from scratch (--baseline true), 6 results"
-last_stage=6
 baseline=true                     # also fine-tune from scratch (same recipe, no pre-trained encoder)
-
-launch_ssl() {  # launch_ssl OUTPUT_DIR OVERRIDES... : the pre-training recipe's train.py
-  local out=$1 launcher; shift
-  python_launcher
-  # shellcheck disable=SC2206
-  local extra=($pretrain_args $(backend_args))
-  "${launcher[@]}" "$PRIVASR_ROOT/$ssl_recipe/train.py" "$PRIVASR_ROOT/$ssl_recipe/$ssl_hparams" \
-    --output_folder "$out" --data_folder "$data" --model_size "$model_size" "${extra[@]}" "$@"
-}
+# Functions:
+#   stage_dp_pretrain                 stage 3: the pre-training recipe on --data -> $exp/pretrain (its encoder.ckpt)
+#   stage_dp_finetune NAME ENCODER    stages 4, 5: CTC fine-tuning from ENCODER ("null": from scratch) -> $exp/NAME
+#   stage_dp_results                  stage 6: $exp/RESULTS.md, WER next to the encoder's (epsilon, delta)
+#   run_dp_stages CORPUS_ARGS         stages 0-6 (CORPUS_ARGS: a string of words for corpus_prepare)
+# Every stage skips work already done (re-run to resume).
+declare_stages 6 "0 corpus, 1 manifests, 2 tokenizer, 3 DP pre-training, 4 fine-tuning from the DP encoder, 5 fine-tuning from scratch (--baseline true), 6 results"
 
 stage_dp_pretrain() {
   local dir=$exp/pretrain
   if [ -f "$dir/.done" ]; then log "DP pre-training already done: $(tail -n 1 "$dir/train.log")"; return; fi
   mkdir -p "$dir"
   log "DP pre-training -> $dir (log: $dir/train.log; progress: tensorboard --logdir $dir/tensorboard)"
-  launch_ssl "$dir" >> "$dir/train.log" 2>&1 \
-    || die "DP pre-training failed: $(error_line "$dir/train.log") (log: $dir/train.log)"
+  # shellcheck disable=SC2086  # --pretrain_args is a string of words
+  launch_recipe "$ssl_recipe" "$ssl_hparams" "$dir" --data_folder "$data" --model_size "$model_size" $pretrain_args \
+    >> "$dir/train.log" 2>&1 || die "DP pre-training failed: $(error_line "$dir/train.log") (log: $dir/train.log)"
   grep -A 100 "^LayerFreeze" "$dir/train.log" | grep -m 1 "layers frozen" | sed "s/^/    /" || true
   tail -n 1 "$dir/train.log" | sed "s/^/    /"
   touch "$dir/.done"
@@ -57,16 +51,17 @@ stage_dp_results() {
   log "results: $exp/RESULTS.md"
 }
 
-run_dp_stages() {
-  case "$baseline" in true|false) ;; *) die "--baseline takes true or false, got '$baseline'" ;; esac
-  if in_stage 0 "corpus"; then corpus_prepare; fi
-  if in_stage 1 "manifests"; then corpus_manifests; fi
-  if in_stage 2 "tokenizer"; then stage_tokenizer; fi
-  if in_stage 3 "DP pre-training: public warm-start, LayerFreeze, DP-SGD"; then stage_dp_pretrain; fi
-  if in_stage 4 "CTC fine-tuning from the DP encoder"; then stage_dp_finetune finetune "$exp/pretrain/encoder.ckpt"; fi
-  if [ "$baseline" = true ] && in_stage 5 "CTC fine-tuning from scratch (baseline)"; then
-    stage_dp_finetune scratch null
+run_dp_stages() {  # run_dp_stages CORPUS_ARGS
+  require_bool baseline
+  # shellcheck disable=SC2086  # a string of words
+  run_stage 0 "corpus" corpus_prepare "$data" $1
+  run_stage 1 "manifests" corpus_manifests "$data"
+  run_stage 2 "tokenizer" stage_tokenizer "$data"
+  run_stage 3 "DP pre-training: public warm-start, LayerFreeze, DP-SGD" stage_dp_pretrain
+  run_stage 4 "CTC fine-tuning from the DP encoder" stage_dp_finetune finetune "$exp/pretrain/encoder.ckpt"
+  if [ "$baseline" = true ]; then
+    run_stage 5 "CTC fine-tuning from scratch (baseline)" stage_dp_finetune scratch null
   fi
-  if in_stage 6 "results -> $exp/RESULTS.md"; then stage_dp_results; fi
-  log "done (stages $stage..$stop_stage) in $((SECONDS / 60)) min $((SECONDS % 60)) s"
+  run_stage 6 "results -> $exp/RESULTS.md" stage_dp_results
+  stages_done "in $((SECONDS / 60)) min $((SECONDS % 60)) s"
 }

@@ -1,9 +1,45 @@
 #!/usr/bin/env bash
-# The one stage library behind every egs/<corpus>/run.sh (ESPnet-style stages, shared, not copied).
+# The one stage library behind every egs/<corpus>/run*.sh (ESPnet-style stages, shared, not copied).
 #
-# A corpus's run.sh sets recipe/hparams, defines corpus_prepare (stage 0) and
-# corpus_manifests (stage 1), sources this file, calls `parse_options "$@"`, then `run_stages`.
-# Every side effect sits inside a stage guard; each stage skips work already done.
+# What a driver (run.sh, run_study.sh, run_dp.sh of a corpus) does, in this order:
+#   1. cd to its own folder and define
+#        recipe=recipes/<corpus>/ASR/<model>   the ASR recipe, relative to the repository (launch_train runs its
+#        hparams=hparams/<file>.yaml           train.py with this YAML; --train_args and the tokenizer read it too)
+#        extra_options="..."                   (optional) the names of its own options, beyond the ones below;
+#   2. source this file (then corpus.sh, and ../lib/dp_stages.sh for the DP stages), and give its own options
+#      their defaults, each as `name=value  # meaning` (--help prints the value and the comment);
+#   3. if its stages are not the method comparison's 0-6: `declare_stages LAST "HELP"`; if an empty --seeds
+#      means "its own seeds": seeds_may_be_empty=true;
+#   4. `parse_options "$@"`, then adjust its own defaults (`given NAME`: was --NAME on the command line?);
+#   5. run its stages: `run_stage N "what" FUNCTION ARGS...` per stage, then `stages_done`
+#      (run_stages below is the method comparison's list, run_dp_stages the DP one's).
+#
+# Options: globals parse_options sets from the command line (defaults below). The library's functions read
+# these options, $recipe/$hparams, $python and $PRIVASR_ROOT, and take everything else as arguments; none reads a
+# variable its caller set as a local.
+#
+# Functions (ARGS: more words passed on; DATA: a corpus folder holding train.csv, dev.csv, test.csv, tokenizer/):
+#   parse_options ARGS...              set the options from the command line; refuse bad ones (one line, status 2)
+#   given NAME                         true when --NAME was on the command line
+#   declare_stages LAST HELP           the driver's stages are 0..LAST (--stop_stage's default); HELP for --help
+#   run_stage N WHAT FUNCTION ARGS...  FUNCTION ARGS... when N is within --stage..--stop_stage, after the line
+#                                      "<time> [<driver>] stage N: WHAT"
+#   stages_done [NOTE]                 the closing "done (stages A..B)" line
+#   run_stages CORPUS_ARGS CANARY_ARGS the method comparison, stages 0-6 (each a string of words for
+#                                      corpus_prepare / privasr-canaries)
+#   launch_recipe RECIPE HPARAMS OUTPUT_DIR ARGS...
+#                                      RECIPE/train.py RECIPE/HPARAMS --output_folder OUTPUT_DIR ARGS..., under
+#                                      torchrun when --nproc > 1, with --distributed_backend gloo when that needs it
+#   launch_train OUTPUT_DIR ARGS...    launch_recipe of $recipe/$hparams on --data and its tokenizer, --train_args
+#   in_parallel FUNCTION < LINES       FUNCTION <the words of a line> per line, --jobs at a time
+#   stage_canaries CORPUS OUT ARGS...  canaries and holdout in OUT, inserted into CORPUS/train.csv
+#   stage_tokenizer DATA               the tokenizer of DATA/train.csv in DATA/tokenizer
+#   stage_train, stage_decode, stage_score   train / decode / score each of --methods x --seeds
+#   run_name METHOD, run_dir METHOD SEED     a run's name and folder (the name encodes the settings given)
+#   error_line LOG                     the one-line error a failed command wrote
+#   log WORDS..., die WORDS...         a timestamped line; "<driver>: error: WORDS" and status 2
+# A corpus's corpus.sh defines the hooks of stages 0 and 1: corpus_prepare DATA ARGS... and corpus_manifests DATA.
+# Every side effect sits inside a stage; each stage skips work already done.
 set -euo pipefail
 
 PRIVASR_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -28,12 +64,17 @@ exp=exp                           # runs and RESULTS.md go here
 data=data                         # corpus, canaries and tokenizer go here
 train_args=""                     # extra overrides for train.py, e.g. "--number_of_epochs=2"
 known_options="stage stop_stage nj nproc jobs virtual_cores methods seeds clip_bound vocab_size tokenizer_type exp data train_args ${extra_options:-}"
+given_options=""                  # the options on the command line (parse_options)
+seeds_may_be_empty=false          # true: an empty --seeds is allowed (the driver has seeds of its own)
+stages_help="0 corpus, 1 manifests, 2 canaries, 3 tokenizer, 4 train (--methods x --seeds), 5 decode, 6 score -> \$exp/RESULTS.md"
+last_stage=6
 
 log() { echo "$(date '+%Y-%m-%d %H:%M:%S') [$(basename "$0")] $*"; }
 die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
 
-stages_help=${stages_help:-"0 corpus, 1 manifests, 2 canaries, 3 tokenizer, 4 train (--methods x --seeds), 5 decode, 6 score -> \$exp/RESULTS.md"}
-last_stage=${last_stage:-6}
+declare_stages() {  # declare_stages LAST HELP: the driver's stages are 0..LAST (--stop_stage's default); HELP for --help
+  last_stage=$1; stop_stage=$1; stages_help=$2
+}
 
 usage() {  # every option with its default (the value before parsing) and the comment beside its definition
   local name meaning sources=("$0" "${BASH_SOURCE[@]}")
@@ -46,7 +87,7 @@ usage() {  # every option with its default (the value before parsing) and the co
   done
 }
 
-parse_options() {
+parse_options() {  # parse_options ARGS...: --NAME VALUE or --NAME=VALUE for each known option, then the checks
   while [ $# -gt 0 ]; do
     case "$1" in
       --help|-h) usage; exit 0 ;;
@@ -66,7 +107,7 @@ parse_options() {
   [ "$stage" -le "$last_stage" ] || die "--stage $stage: the last stage is $last_stage ($stages_help)"
   [ -n "${methods// /}" ] || die "--methods is empty; give one or more of: baseline global pcc apcc pec"
   local m; for m in $methods; do clipping_of "$m" > /dev/null; done
-  [ -n "${seeds// /}" ] || [ "${seeds_may_be_empty:-false}" = true ] || die "--seeds is empty; give one or more seeds, e.g. --seeds \"1 2 3\""
+  [ -n "${seeds// /}" ] || [ "$seeds_may_be_empty" = true ] || die "--seeds is empty; give one or more seeds, e.g. --seeds \"1 2 3\""
   for m in $seeds; do [[ "$m" =~ ^[0-9]+$ ]] || die "--seeds takes whole numbers, got '$m'"; done
   [ -z "$clip_bound" ] || [[ "$clip_bound" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] \
     || die "--clip_bound takes a positive number, got '$clip_bound'"
@@ -75,7 +116,7 @@ parse_options() {
   check_train_args
 }
 
-given() { [[ " ${given_options:-} " == *" $1 "* ]]; }  # given NAME: --NAME was on the command line
+given() { [[ " $given_options " == *" $1 "* ]]; }  # given NAME: --NAME was on the command line
 
 check_folder() {  # check_folder NAME: the option --NAME names a folder that exists or can be made, and is writable
   local dir=${!1} parent
@@ -85,7 +126,7 @@ check_folder() {  # check_folder NAME: the option --NAME names a folder that exi
     [ -w "$dir" ] || die "--$1 $dir is not writable"
   else
     parent=$(dirname "$dir"); while [ ! -e "$parent" ]; do parent=$(dirname "$parent"); done
-    [ -d "$parent" ] && [ -w "$parent" ] || die "--$1 $dir cannot be created ($parent is not a writable folder)"
+    { [ -d "$parent" ] && [ -w "$parent" ]; } || die "--$1 $dir cannot be created ($parent is not a writable folder)"
   fi
 }
 
@@ -101,7 +142,7 @@ with_defaults() {  # with_defaults "DEFAULT OVERRIDES" "USER OVERRIDES": the def
 check_train_args() {  # refuse unknown or mistyped --train_args keys before any stage runs (minutes of synthesis)
   [ -n "${train_args// /}" ] || return 0
   local problem
-  # shellcheck disable=SC2086
+  # shellcheck disable=SC2086,SC2154  # --train_args is a string of words; the driver defines recipe, hparams
   problem=$($python -m privasr.faults check-overrides "$PRIVASR_ROOT/$recipe/$hparams" $train_args 2>&1 >/dev/null) \
     || die "--train_args: ${problem#--train_args: error: }"
 }
@@ -114,14 +155,16 @@ require_bool() {  # require_bool NAME: the option --NAME takes true or false
   case "${!1}" in true|false) ;; *) die "--$1 takes true or false, got '${!1}'" ;; esac
 }
 
-# stage N DESCRIPTION: true when N is within [stage, stop_stage]; prints a timestamped line.
-in_stage() {
-  local n=$1; shift
-  if [ "$stage" -le "$n" ] && [ "$stop_stage" -ge "$n" ]; then
-    log "stage $n: $*"
-    return 0
-  fi
-  return 1
+run_stage() {  # run_stage N WHAT FUNCTION ARGS...: FUNCTION ARGS... if N is within --stage..--stop_stage
+  local n=$1 what=$2; shift 2
+  { [ "$stage" -le "$n" ] && [ "$stop_stage" -ge "$n" ]; } || return 0
+  log "stage $n: $what"
+  "$@"
+}
+
+# shellcheck disable=SC2120  # a NOTE is optional
+stages_done() {  # stages_done [NOTE]: the driver's last line
+  log "done (stages $stage..$stop_stage)${1:+ $1}"
 }
 
 clipping_of() {  # run-name -> the recipe's --clipping value
@@ -140,7 +183,7 @@ run_name() {  # run_name METHOD: the method and the settings given on the comman
   echo "$name"
 }
 
-run_dir() { echo "$exp/$(run_name "$1")/seed$2"; }
+run_dir() { echo "$exp/$(run_name "$1")/seed$2"; }  # run_dir METHOD SEED
 
 # glibc hands freed blocks above its mmap threshold back to the OS and page-faults them in again on the next step
 # (a training step frees and re-allocates the same large tensors every time). Keeping them costs resident memory up
@@ -152,30 +195,31 @@ export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-68719476736}
 # the previous attempt's gloo/NCCL addresses and fail to connect (pytorch/pytorch#135712). A store of their own avoids it.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
-backend_args() {  # several processes without CUDA need SpeechBrain's gloo backend (its default is nccl)
-  if [ "$nproc" -gt 1 ] && ! $python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-    echo "--distributed_backend gloo"
-  fi
+needs_gloo() {  # needs_gloo ARGS...: several processes without CUDA, and ARGS choose no backend (SpeechBrain's is nccl)
+  local arg
+  for arg in "$@"; do case "$arg" in --distributed_backend|--distributed_backend=*) return 1 ;; esac; done
+  [ "$nproc" -gt 1 ] && ! $python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"
 }
 
-python_launcher() {  # the command that starts a training script: python, or torchrun when --nproc > 1
-  launcher=("$python")
-  [ "$nproc" -gt 1 ] && launcher=("$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc")
-  return 0
+launch_recipe() {  # launch_recipe RECIPE HPARAMS OUTPUT_DIR ARGS...: a recipe's train.py, the one place it is started
+  local dir=$PRIVASR_ROOT/$1 yaml=$2 out=$3; shift 3
+  local launcher=("$python") backend=()
+  [ "$nproc" -eq 1 ] || launcher+=(-m torch.distributed.run --standalone --nproc_per_node "$nproc")
+  if needs_gloo "$@"; then backend=(--distributed_backend gloo); fi
+  "${launcher[@]}" "$dir/train.py" "$dir/$yaml" --output_folder "$out" "$@" "${backend[@]}"
 }
 
-launch_train() {  # launch_train OUTPUT_DIR OVERRIDES... : the recipe's train.py on this corpus's data
-  local out=$1 launcher; shift
-  python_launcher
-  # shellcheck disable=SC2206
-  local extra=($train_args $(backend_args))
-  [ -n "$vocab_size" ] && extra=(--vocab_size "$vocab_size" "${extra[@]}")
-  [ -n "$tokenizer_type" ] && extra=(--tokenizer_type "$tokenizer_type" "${extra[@]}")
-  "${launcher[@]}" "$PRIVASR_ROOT/$recipe/train.py" "$PRIVASR_ROOT/$recipe/$hparams" --output_folder "$out" \
-    --data_folder "$data" --tokenizer_dir "$data/tokenizer" "${extra[@]}" "$@"
+launch_train() {  # launch_train OUTPUT_DIR ARGS...: the driver's recipe on --data and its tokenizer, --train_args, ARGS
+  local out=$1; shift
+  local args=(--data_folder "$data" --tokenizer_dir "$data/tokenizer")
+  [ -z "$tokenizer_type" ] || args+=(--tokenizer_type "$tokenizer_type")
+  [ -z "$vocab_size" ] || args+=(--vocab_size "$vocab_size")
+  # shellcheck disable=SC2206  # --train_args is a string of words
+  args+=($train_args)
+  launch_recipe "$recipe" "$hparams" "$out" "${args[@]}" "$@"
 }
 
-train_command() {  # train_command METHOD SEED EXTRA... : one run of the method comparison
+train_command() {  # train_command METHOD SEED ARGS... : one run of the method comparison
   local method=$1 seed=$2; shift 2
   local args=(--seed "$seed" --clipping "$(clipping_of "$method")")
   if [ -n "$virtual_cores" ]; then args+=(--virtual_cores "$virtual_cores")
@@ -193,7 +237,7 @@ in_parallel() {  # in_parallel FUNCTION < LINES : FUNCTION <the words of a line>
   threads=$(( cpus / (jobs * nproc) ))  # each of the $jobs runs has $nproc processes
   [ "$threads" -ge 1 ] || threads=1
   while read -r line; do
-    # shellcheck disable=SC2086
+    # shellcheck disable=SC2086  # a line is the function's arguments
     if [ "$jobs" -gt 1 ]; then (export OMP_NUM_THREADS=$threads; "$fn" $line) & else "$fn" $line & fi
     running=$((running + 1))
     if [ "$running" -ge "$jobs" ]; then wait -n || failed=1; running=$((running - 1)); fi
@@ -202,12 +246,12 @@ in_parallel() {  # in_parallel FUNCTION < LINES : FUNCTION <the words of a line>
   return "$failed"
 }
 
-stage_canaries() {  # stage_canaries [DIR]: canaries, holdout and the training manifest with them
-  local dir=${1:-$data/canaries} train_out=$data/train_with_canaries.csv
-  [ "$dir" = "$data/canaries" ] || train_out=$dir/train_with_canaries.csv  # a variant keeps its own
+stage_canaries() {  # stage_canaries CORPUS OUT ARGS...: canaries and holdout in OUT, and CORPUS/train.csv with them
+  local corpus=$1 out=$2; shift 2
+  local train_out=$corpus/train_with_canaries.csv
+  [ "$out" = "$corpus/canaries" ] || train_out=$out/train_with_canaries.csv  # a variant keeps its own
   # privasr-canaries skips work already done, and redoes it when the corpus or the settings changed
-  # shellcheck disable=SC2086
-  privasr-canaries --train-in "$data/train.csv" --train-out "$train_out" --out "$dir" --nj "$nj" $canary_args 2>&1
+  privasr-canaries --train-in "$corpus/train.csv" --train-out "$train_out" --out "$out" --nj "$nj" "$@" 2>&1
 }
 
 tokenizer_from_hparams() {  # the recipe YAML's tokenizer (vocab_size, tokenizer_type), unless given as options
@@ -216,9 +260,9 @@ print('--vocab-size', sys.argv[2] or h['vocab_size'], '--model-type', sys.argv[3
     "$PRIVASR_ROOT/$recipe/$hparams" "$vocab_size" "$tokenizer_type"
 }
 
-stage_tokenizer() {
-  # shellcheck disable=SC2046
-  $python -m privasr.tokenizer --manifest "$data/train.csv" --out "$data/tokenizer" $(tokenizer_from_hparams)
+stage_tokenizer() {  # stage_tokenizer DATA: the tokenizer of DATA/train.csv in DATA/tokenizer
+  # shellcheck disable=SC2046  # two options and their values
+  $python -m privasr.tokenizer --manifest "$1/train.csv" --out "$1/tokenizer" $(tokenizer_from_hparams)
 }
 
 error_line() {  # error_line LOG: the one-line error a failed command of privasr wrote (or its log's last line)
@@ -268,13 +312,16 @@ stage_score() {  # privasr.results refuses transcripts it cannot trace to the ru
   log "results: $exp/RESULTS.md"
 }
 
-run_stages() {
-  if in_stage 0 "corpus"; then corpus_prepare; fi
-  if in_stage 1 "manifests"; then corpus_manifests; fi
-  if in_stage 2 "canaries"; then stage_canaries; fi
-  if in_stage 3 "tokenizer"; then stage_tokenizer; fi
-  if in_stage 4 "train ($methods) x seeds ($seeds)"; then stage_train; fi
-  if in_stage 5 "decode test, dev, canaries, holdout"; then stage_decode; fi
-  if in_stage 6 "score -> $exp/RESULTS.md"; then stage_score; fi
-  log "done (stages $stage..$stop_stage)"
+run_stages() {  # run_stages CORPUS_ARGS CANARY_ARGS: the method comparison (run.sh of every corpus)
+  # shellcheck disable=SC2086  # each a string of words
+  run_stage 0 "corpus" corpus_prepare "$data" $1
+  run_stage 1 "manifests" corpus_manifests "$data"
+  # shellcheck disable=SC2086
+  run_stage 2 "canaries" stage_canaries "$data" "$data/canaries" $2
+  run_stage 3 "tokenizer" stage_tokenizer "$data"
+  run_stage 4 "train ($methods) x seeds ($seeds)" stage_train
+  run_stage 5 "decode test, dev, canaries, holdout" stage_decode
+  run_stage 6 "score -> $exp/RESULTS.md" stage_score
+  # shellcheck disable=SC2119  # no NOTE
+  stages_done
 }

@@ -7,13 +7,12 @@
 cd "$(dirname "$0")"
 recipe=recipes/LibriSpeech/ASR/conformer
 hparams=hparams/conformer_xl_transducer.yaml
-librispeech_root=
-train_splits="train-clean-100 train-clean-360 train-other-500"
-methods="baseline pcc apcc"
-canary_args="--per-count 20 --holdout 1000"
 extra_options="librispeech_root train_splits canary_args"
 source ../lib/stages.sh
+source corpus.sh
+librispeech_root=
+train_splits="train-clean-100 train-clean-360 train-other-500"
+canary_args="--per-count 20 --holdout 1000"
 parse_options "$@"
 
-source corpus.sh
-run_stages
+run_stages "" "$canary_args"

@@ -29,4 +29,4 @@ baseline=false
 parse_options "$@"
 [ -n "$librilight_root" ] || die "give --librilight_root /path/to/librilight (the pre-training audio; not downloaded)"
 
-run_dp_stages
+run_dp_stages ""

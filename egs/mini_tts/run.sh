@@ -5,7 +5,7 @@
 #   egs/mini_tts/run.sh --stage 4 --stop_stage 6 --methods "pcc" --clip_bound 0.5
 #   egs/mini_tts/run.sh --corpus_args "--num-train 3000" --canary_args "--per-count 20" --train_args "--number_of_epochs=4"
 #       # the larger job of earlier releases (about an hour)
-# Stages live in ../lib/stages.sh; only this corpus's settings are here.
+# Stages live in ../lib/stages.sh (run_stages) and corpus.sh; only this corpus's settings are here.
 cd "$(dirname "$0")"
 recipe=recipes/mini_tts/ASR/conformer
 hparams=hparams/conformer_ctc.yaml
@@ -28,4 +28,4 @@ fi
 # (run_study.sh) is where the regimes are compared at length.
 : "${corpus_args:=--num-train 2000 --num-dev 200 --num-test 200}" "${canary_args:=--per-count 10 --holdout 1000}"
 
-run_stages
+run_stages "$corpus_args" "$canary_args"

@@ -34,4 +34,4 @@ else
   train_args=$(with_defaults "--number_of_epochs=4 --batch_size=8 --train_eval_size=100" "$train_args")
 fi
 
-run_dp_stages
+run_dp_stages "$corpus_args"

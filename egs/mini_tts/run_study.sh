@@ -18,12 +18,11 @@ hparams=hparams/conformer_ctc.yaml
 extra_options="study configs corpus_args canary_args quick variant variant_corpus_args"
 source ../lib/stages.sh   # the library's defaults first, then this driver's
 source corpus.sh
+declare_stages 8 "0 corpus, 1 manifests, 2 canaries, 3 tokenizer, 4 pre-train, 5 norm quantiles and r, 6 fine-tune grid, 7 decode, 8 score"
+seeds_may_be_empty=true             # an empty --seeds: the seeds of $study
 study=conf/study.yaml               # the grid: configurations, seeds, epochs
 data=data_study
 exp=exp_study
-stop_stage=8
-stages_help="0 corpus, 1 manifests, 2 canaries, 3 tokenizer, 4 pre-train, 5 norm quantiles and r, 6 fine-tune grid, 7 decode, 8 score"
-last_stage=8; seeds_may_be_empty=true
 configs=""        # empty: every configuration of $study
 corpus_args=""    # empty: the variant's (full or quick) corpus size
 canary_args=""    # empty: 10 canaries per count and a 4,000 holdout (quick: 2 per count, counts 1 4, holdout 20)
@@ -42,6 +41,12 @@ if [ "$quick" = true ]; then
 fi
 : "${corpus_args:=--num-train 3000 --num-dev 200 --num-test 200}" "${canary_args:=--per-count 10 --holdout 4000}"
 methods=baseline  # the stage library's method list is not used here
+# The study's own globals, set once here and read by its stage functions below:
+#   canaries          the canaries, holdout and training manifest with them ($data/canaries, a variant's own)
+#   runs              the fine-tuned runs and RESULTS.md ($exp, a variant's $exp/$variant)
+#   canary_overrides  train.py options pointing a variant's runs at its canaries (none without a variant)
+#   finetune_data     the corpus the canaries are inserted into ($data, or a variant's own ${data}_$variant)
+# (the pre-training, norm quantiles and r always use $data and $exp/pretrain)
 canaries=$data/canaries; runs=$exp; canary_overrides=(); finetune_data=$data
 [ -z "$variant_corpus_args" ] || [ -n "$variant" ] || die "--variant_corpus_args needs --variant NAME"
 if [ -n "$variant" ]; then
@@ -53,6 +58,18 @@ if [ -n "$variant" ]; then
 fi
 
 study_py() { $python -m privasr.study "$@"; }
+
+stage_corpus() {  # the corpus, and a variant's own fine-tuning corpus
+  # shellcheck disable=SC2086  # strings of words
+  corpus_prepare "$data" $corpus_args
+  # shellcheck disable=SC2086
+  [ "$finetune_data" = "$data" ] || corpus_prepare "$finetune_data" $variant_corpus_args
+}
+
+stage_manifests() {
+  corpus_manifests "$data"
+  [ "$finetune_data" = "$data" ] || corpus_manifests "$finetune_data"
+}
 
 stage_pretrain() {  # train.py finishes at once a finished pre-training, and refuses one made with other settings
   local epochs done_before=false; epochs=$(study_py get "$study" pretrain_epochs)
@@ -72,6 +89,7 @@ stage_quantiles() {
   study_py quantiles-needed "$study" | while read -r per_core reduction; do
     local out="$exp/quantiles/B${per_core}_${reduction}.json"
     [ -f "$out" ] && { log "norm quantiles B=$per_core ($reduction) already measured"; continue; }
+    # shellcheck disable=SC2086  # --train_args is a string of words
     privasr-norm-quantiles "$PRIVASR_ROOT/$recipe/$hparams" --per-core "$per_core" --batches "$batches" --json "$out" -- \
       --output_folder "$exp/pretrain" --data_folder "$data" --tokenizer_dir "$data/tokenizer" \
       --train_csv "$data/train.csv" --loss_reduction "$reduction" $train_args \
@@ -86,7 +104,7 @@ stage_canary_gradients() {  # r, a canary's per-example gradient norm over a nor
   if study_py r-current "$out" --canaries "$canaries/canaries.csv" --pretrain "$exp/pretrain/save"; then
     log "canary gradient ratios r already measured ($out)"; return
   fi
-  # shellcheck disable=SC2046
+  # shellcheck disable=SC2046,SC2086  # the per-core values; --train_args is a string of words
   privasr-canary-gradients "$PRIVASR_ROOT/$recipe/$hparams" --canaries "$canaries/canaries.csv" \
     --normal-csv "$data/train.csv" --per-core $(study_py per-core-values "$study") --json "$out" -- \
     --output_folder "$exp/pretrain" --data_folder "$data" --tokenizer_dir "$data/tokenizer" \
@@ -98,7 +116,7 @@ stage_canary_gradients() {  # r, a canary's per-example gradient norm over a nor
 planned_runs() {  # "name seed overrides..." of the selected configurations and seeds
   study_py plan "$study" --quantiles "$exp/quantiles" | while read -r name seed rest; do
     { [ -z "$configs" ] || [[ " $configs " == *" $name "* ]]; } || continue
-    { [ -z "${seeds_override:-}" ] || [[ " $seeds_override " == *" $seed "* ]]; } || continue
+    { [ -z "$seeds" ] || [[ " $seeds " == *" $seed "* ]]; } || continue
     echo "$name $seed $rest"
   done
 }
@@ -145,28 +163,23 @@ stage_decode_grid() {
   in_parallel decode_config < <(planned_runs) || die "some decoding runs failed (see the FAILED lines)"
 }
 
-seeds_override=$seeds
-if in_stage 0 "corpus"; then
-  corpus_prepare
-  # the variant's fine-tuning corpus (the stage library's functions read $data and $corpus_args)
-  [ "$finetune_data" = "$data" ] || data=$finetune_data corpus_args=$variant_corpus_args corpus_prepare
-fi
-if in_stage 1 "manifests"; then
-  corpus_manifests
-  [ "$finetune_data" = "$data" ] || data=$finetune_data corpus_manifests
-fi
-if in_stage 2 "canaries ($canary_args) in $finetune_data/train.csv -> $canaries"; then
-  data=$finetune_data stage_canaries "$canaries"
-fi
-if in_stage 3 "tokenizer"; then stage_tokenizer; fi
-if in_stage 4 "pre-train without canaries"; then stage_pretrain; fi
-if in_stage 5 "per-core norm quantiles and canary gradient ratios r of the pre-trained model"; then
-  stage_quantiles; stage_canary_gradients
-fi
-if in_stage 6 "fine-tune the grid with canaries ($jobs at a time) -> $runs"; then stage_finetune; fi
-if in_stage 7 "decode"; then stage_decode_grid; fi
-if in_stage 8 "score -> $runs/RESULTS.md"; then
+stage_measure() { stage_quantiles; stage_canary_gradients; }
+
+stage_score_study() {
   study_py score "$study" --exp "$runs" --commands "$runs/commands.txt" --canaries "$canaries/canaries.csv" \
     --holdout "$canaries/holdout.csv" --quantiles "$exp/quantiles" --pretrain "$exp/pretrain/save"
-fi
-log "done (stages $stage..$stop_stage)"
+}
+
+run_stage 0 "corpus" stage_corpus
+run_stage 1 "manifests" stage_manifests
+# shellcheck disable=SC2086  # a string of words
+run_stage 2 "canaries ($canary_args) in $finetune_data/train.csv -> $canaries" \
+  stage_canaries "$finetune_data" "$canaries" $canary_args
+run_stage 3 "tokenizer" stage_tokenizer "$data"
+run_stage 4 "pre-train without canaries" stage_pretrain
+run_stage 5 "per-core norm quantiles and canary gradient ratios r of the pre-trained model" stage_measure
+run_stage 6 "fine-tune the grid with canaries ($jobs at a time) -> $runs" stage_finetune
+run_stage 7 "decode" stage_decode_grid
+run_stage 8 "score -> $runs/RESULTS.md" stage_score_study
+# shellcheck disable=SC2119  # no NOTE
+stages_done
