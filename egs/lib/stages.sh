@@ -76,13 +76,15 @@ declare_stages() {  # declare_stages LAST HELP: the driver's stages are 0..LAST 
   last_stage=$1; stop_stage=$1; stages_help=$2
 }
 
-usage() {  # every option with its default (the value before parsing) and the comment beside its definition
-  local name meaning sources=("$0" "${BASH_SOURCE[@]}")
+usage() {  # every option with its default (the value before parsing) and the comment beside its first definition
+  # (in the driver, then the library, then corpus.sh: a driver runs in its own folder)
+  local name meaning sources=("$(basename "$0")" "$PRIVASR_ROOT"/egs/lib/*.sh corpus.sh)
   echo "usage: $0 [--OPTION VALUE ...]"
   echo "stages: $stages_help"
   echo "options:"
   for name in $known_options; do
-    meaning=$(grep -hE "^[[:space:]]*(: \"\\\$\{)?$name=[^#]*#" "${sources[@]}" 2>/dev/null | head -n 1 | sed 's/^[^#]*# *//')
+    meaning=$(grep -hE "^[[:space:]]*(: \"\\\$\{)?$name=[^#]*#" "${sources[@]}" 2>/dev/null | head -n 1 | sed 's/^[^#]*# *//' \
+      || true)  # an option without a comment has no meaning to print
     printf '  --%-22s %s\n' "$name" "(default: '${!name}') ${meaning}"
   done
 }

@@ -10,9 +10,9 @@ hparams=hparams/conformer_xl_transducer.yaml
 extra_options="librispeech_root train_splits canary_args"
 source ../lib/stages.sh
 source corpus.sh
-librispeech_root=
-train_splits="train-clean-100 train-clean-360 train-other-500"
-canary_args="--per-count 20 --holdout 1000"
+librispeech_root=                                               # the LibriSpeech folder (not downloaded)
+train_splits="train-clean-100 train-clean-360 train-other-500"  # the training splits (960 h)
+canary_args="--per-count 20 --holdout 1000"                     # privasr-canaries options
 parse_options "$@"
 
 run_stages "" "$canary_args"

@@ -18,14 +18,14 @@ source ../lib/dp_stages.sh
 source corpus.sh
 ssl_recipe=recipes/LibriSpeech/SSL/bestrq
 ssl_hparams=hparams/bestrq_dp_xl.yaml
-model_size=XL
+model_size=XL                                                   # encoder size (pre-training and fine-tuning)
 data=data_dp
 exp=exp/dp
-librispeech_root=
-librilight_root=
-librilight_subsets="small medium large"
-train_splits="train-clean-100 train-clean-360 train-other-500"
-baseline=false
+librispeech_root=                                               # the LibriSpeech folder (not downloaded)
+librilight_root=                                                # the cut Libri-Light folder (not downloaded)
+librilight_subsets="small medium large"                         # Libri-Light subsets to pre-train on
+train_splits="train-clean-100 train-clean-360 train-other-500"  # LibriSpeech splits to fine-tune on (960 h)
+baseline=false                                                  # true: also fine-tune from scratch (stage 5)
 parse_options "$@"
 [ -n "$librilight_root" ] || die "give --librilight_root /path/to/librilight (the pre-training audio; not downloaded)"
 

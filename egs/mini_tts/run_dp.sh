@@ -19,8 +19,11 @@ source ../lib/dp_stages.sh
 source corpus.sh
 data=data_dp
 exp=exp/dp
-quick=false
-corpus_args=""; model_size=""; ssl_hparams=""; baseline=""   # empty: the value of the chosen variant
+quick=false          # true: about a minute (CI): a 60-utterance corpus, the tiny encoder, one epoch each
+corpus_args=""       # empty: 1,000 / 100 / 100 utterances (quick: 60 / 10 / 10)
+model_size=""        # encoder size for pre-training and fine-tuning; empty: mini (quick: tiny)
+ssl_hparams=""       # the pre-training YAML; empty: hparams/bestrq_dp.yaml (quick: hparams/bestrq_dp_quick.yaml)
+baseline=""          # true: also fine-tune from scratch (stage 5); empty: false
 parse_options "$@"
 require_bool quick
 if [ "$quick" = true ]; then  # CI: a 60-utterance corpus, the tiny encoder, one epoch each
