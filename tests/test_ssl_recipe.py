@@ -88,13 +88,15 @@ def test_xl_config_builds_the_conformer_xl_encoder_on_the_meta_device(tmp_path):
     assert hparams["public_fraction"] == 0.01
 
 
-def test_xl_config_takes_one_warm_start_and_one_dp_step_on_fabricated_audio(tmp_path):
+@pytest.mark.parametrize("grad_mode", ["vmap", "ghost"])
+def test_xl_config_takes_one_warm_start_and_one_dp_step_on_fabricated_audio(tmp_path, grad_mode):
     """XL is too big to step on 2 CPU cores (0.64 B parameters, a gradient per example): the very
-    same YAML runs with the tiny encoder and a 64-code head, everything else as configured."""
+    same YAML runs with the tiny encoder and a 64-code head, everything else as configured. Ghost mode
+    clips BEST-RQ's per-example losses (BestRQBrain.example_losses) without per-example gradients."""
     manifest = fabricate_audio(tmp_path / "audio", 6)
     overrides = {"output_folder": str(tmp_path / "exp"), "train_csv": str(manifest), "valid_csv": str(manifest),
                  "model_size": "tiny", "codebook_size": 64, "warm_start_batch_size": 1, "dp_batch_size": 5,
-                 "number_of_epochs": 1, "target_epsilon": None, "noise_seed": 0, "core_grad_mode": "vmap",
+                 "number_of_epochs": 1, "target_epsilon": None, "noise_seed": 0, "core_grad_mode": grad_mode,
                  "num_workers": 0}
     hparams = load_hyperpyyaml(XL_YAML.read_text(), overrides)
     public, private = split_public_private(read_audio_manifest(str(manifest)), hparams["public_fraction"])

@@ -50,6 +50,10 @@ class BestRQBrain(PrivateBrain):
     def shard_loss(self, inputs, lens, targets, mask):
         return self.modules.bestrq.loss(inputs, lens, targets, mask)
 
+    def example_losses(self, inputs, lens, targets, mask):
+        """Each example's mean over its own masked frames, ``[n]``: what DP-SGD's ghost mode clips per example."""
+        return self.modules.bestrq.loss(inputs, lens, targets, mask, reduction="per_example")
+
     def shard_loss_reduction(self):
         """None: BEST-RQ's loss is a mean over masked frames pooled across the shard's examples, not a mean of
         per-example losses, so ``core_grad_mode: ghost`` (one forward of the whole batch) would be inexact: refused."""
@@ -120,3 +124,6 @@ class BestRQBrain(PrivateBrain):
 
 class DPBestRQBrain(DPSGDBrain, BestRQBrain):
     """BEST-RQ pre-training with public warm-start, LayerFreeze and DP-SGD."""
+
+    # DPSGDBrain's optional hook comes first in the MRO and would shadow the recipe's per-example losses
+    example_losses = BestRQBrain.example_losses
