@@ -24,7 +24,7 @@ if [ "$quick" = true ]; then  # quick's own folders, sizes and overrides, unless
   : "${virtual_cores:=4}"
   train_args=$(with_defaults "--number_of_epochs=1 --batch_size=8 --train_eval_size=20 --model_size=tiny" "$train_args")
 fi
-# Sized for under 30 minutes on 2 CPU cores (3 methods x 3 epochs x 144 steps); the study
+# Sized for about 30 minutes on 2 CPU cores (3 methods x 4 epochs x 144 steps); the study
 # (run_study.sh) is where the regimes are compared at length.
 : "${corpus_args:=--num-train 2000 --num-dev 200 --num-test 200}" "${canary_args:=--per-count 10 --holdout 1000}"
 
