@@ -17,9 +17,14 @@ RTOL = 1e-5
 
 
 def assert_sums_close(got, expected):
+    """Equal to ``RTOL`` of each parameter's largest entry (the issue's exactness target, 1e-5 relative in fp32).
+
+    Entries near zero differ by fp32 summation order, which depends on the thread count the process runs with
+    (seen in the full suite: 1.35e-6 of the largest entry), so the absolute slack is relative to the largest one.
+    """
     for g, e in zip(got, expected):
         scale = float(e.abs().max())
-        assert torch.allclose(g, e, rtol=RTOL, atol=1e-6 * scale + 1e-9), (float((g - e).abs().max()), scale)
+        assert torch.allclose(g, e, rtol=RTOL, atol=RTOL * scale + 1e-9), (float((g - e).abs().max()), scale)
 
 
 # -- a tiny BEST-RQ on a padded batch -----------------------------------------------------------------
