@@ -106,7 +106,8 @@ stage_canary_gradients() {  # r, a canary's per-example gradient norm over a nor
   fi
   # shellcheck disable=SC2046,SC2086  # the per-core values; --train_args is a string of words
   privasr-canary-gradients "$PRIVASR_ROOT/$recipe/$hparams" --canaries "$canaries/canaries.csv" \
-    --normal-csv "$data/train.csv" --per-core $(study_py per-core-values "$study") --json "$out" -- \
+    --normal-csv "$data/train.csv" --normal "$(study_py get "$study" r_normal)" \
+    --per-core $(study_py per-core-values "$study") --json "$out" -- \
     --output_folder "$exp/pretrain" --data_folder "$data" --tokenizer_dir "$data/tokenizer" \
     --train_csv "$data/train.csv" $train_args \
     ${vocab_size:+--vocab_size "$vocab_size"} ${tokenizer_type:+--tokenizer_type "$tokenizer_type"} < /dev/null \
