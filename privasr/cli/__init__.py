@@ -130,10 +130,9 @@ def _in_order(main: Callable[[Sequence[str] | None], Any], argv: list[str] | Non
         with ordered_shutdown():  # it tells a failure from the exception in flight (SystemExit(0): success)
             raise
     if "torch.distributed" in sys.modules:
-        from privasr.distributed import ordered_shutdown
+        from privasr.distributed import shutdown_process_group
 
-        with ordered_shutdown():
-            pass
+        shutdown_process_group()
     return result
 
 

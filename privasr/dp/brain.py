@@ -440,24 +440,21 @@ class DPSGDBrain(PrivateBrain):
                                             self.dp.clip_mode, self.dp.layer_regex)
         return self._clipper
 
-    def example_losses(self, *tensors) -> torch.Tensor:
-        """Optional, for ``core_grad_mode: ghost``: each example's loss ``[n]`` from ONE forward of the batch.
-
-        Example ``i``'s entry must equal ``shard_loss`` of example ``i`` alone (what loop and vmap
-        differentiate), e.g. BEST-RQ's ``loss(..., reduction="per_example")``. Not overridden, ghost
-        uses ``shard_loss`` of the whole batch when :meth:`shard_loss_reduction` declares it a mean
-        (or sum) of per-example losses, and is refused otherwise.
-        """
-        raise NotImplementedError
-
     def _ghost_loss(self):
         """The loss ghost differentiates: per-example losses, or the sum of the examples' shard losses.
 
         A wrong one would clip the wrong per-example gradients, so the sensitivity (and the
         guarantee) would not hold: a recipe that declares neither is refused, naming both hooks.
+
+        The optional hook ``example_losses(*tensors) -> [n]``, found anywhere in the recipe's classes:
+        each example's loss from ONE forward of the batch, entry ``i`` equal to ``shard_loss`` of example
+        ``i`` alone (what loop and vmap differentiate), e.g. BEST-RQ's ``loss(..., reduction="per_example")``.
+        Without it, ghost uses ``shard_loss`` of the whole batch when :meth:`shard_loss_reduction` declares
+        it a mean (or sum) of per-example losses.
         """
-        if type(self).example_losses is not DPSGDBrain.example_losses:
-            return self.example_losses
+        example_losses = getattr(self, "example_losses", None)
+        if example_losses is not None:
+            return example_losses
         reduction = self.shard_loss_reduction()
         if reduction not in ("mean", "sum"):
             raise ValueError(

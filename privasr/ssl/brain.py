@@ -124,6 +124,3 @@ class BestRQBrain(PrivateBrain):
 
 class DPBestRQBrain(DPSGDBrain, BestRQBrain):
     """BEST-RQ pre-training with public warm-start, LayerFreeze and DP-SGD."""
-
-    # DPSGDBrain's optional hook comes first in the MRO and would shadow the recipe's per-example losses
-    example_losses = BestRQBrain.example_losses
