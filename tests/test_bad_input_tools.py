@@ -307,22 +307,32 @@ def test_run_cli_statuses_rank_hint_and_debug(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_run_cli_needs_no_torch_and_check_overrides_runs_under_both_names():
+def test_run_cli_needs_no_torch_and_check_overrides_runs_as_a_module():
     """A command without torch stays without it (no process group can exist); ``check-overrides`` runs as
-    ``python -m privasr.cli.hparams`` and under the old name egs/lib/stages.sh calls, ``python -m privasr.faults``."""
+    ``python -m privasr.cli.hparams``, the command egs/lib/stages.sh calls to refuse a bad --train_args."""
     code = ("import runpy, sys\n"
             "from privasr.cli import run_cli\n"
             "assert run_cli(lambda argv: 3, [], prog='p') == 3\n"
             "print('torch' in sys.modules)\n"
-            "module, sys.argv = sys.argv[2], ['x', 'check-overrides', sys.argv[1], '--virtual_core', '3']\n"
-            "try:\n    runpy.run_module(module, run_name='__main__')\n"
+            "sys.argv = ['x', 'check-overrides', sys.argv[1], '--virtual_core', '3']\n"
+            "try:\n    runpy.run_module('privasr.cli.hparams', run_name='__main__')\n"
             "except SystemExit as stop:\n    print(stop.code)\n")
-    for module in ("privasr.cli.hparams", "privasr.faults"):
-        proc = subprocess.run([sys.executable, "-c", code, RECIPE_YAML, module], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=60)
-        assert proc.stdout.split() == ["False", "2"], proc.stdout + proc.stderr
-        assert proc.stderr == ("--train_args: error: unknown option --virtual_core: conformer_ctc.yaml has no such key "
-                               "(did you mean --virtual_cores?)\n"), proc.stderr
+    proc = subprocess.run([sys.executable, "-c", code, RECIPE_YAML], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.split() == ["False", "2"], proc.stdout + proc.stderr
+    assert proc.stderr == ("--train_args: error: unknown option --virtual_core: conformer_ctc.yaml has no such key "
+                           "(did you mean --virtual_cores?)\n"), proc.stderr
+    # the stage library calls it: a driver refuses the mistyped key before any stage runs
+    driver = subprocess.run(["bash", str(REPO_ROOT / "egs" / "mini_tts" / "run.sh"), "--train_args", "--virtual_core=3"],
+                            capture_output=True, text=True, timeout=60)
+    assert (driver.returncode, driver.stdout) == (2, ""), driver.stdout + driver.stderr
+    assert driver.stderr == ("run.sh: error: --train_args: unknown option --virtual_core: conformer_ctc.yaml has no "
+                             "such key (did you mean --virtual_cores?)\n")
+    # and reads the recipe YAML's tokenizer with the same module (an option given wins)
+    library = (f"recipe=recipes/mini_tts/ASR/conformer hparams=hparams/conformer_ctc.yaml; "
+               f"source {REPO_ROOT / 'egs' / 'lib' / 'stages.sh'}; tokenizer_type=unigram; tokenizer_from_hparams")
+    tokenizer = subprocess.run(["bash", "-c", library], capture_output=True, text=True, timeout=60)
+    assert tokenizer.stdout == "--vocab-size 40 --model-type unigram\n", tokenizer.stdout + tokenizer.stderr
 
 
 def test_device_equivalence_refuses_bad_input_in_one_line(capsys):

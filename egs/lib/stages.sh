@@ -145,7 +145,7 @@ check_train_args() {  # refuse unknown or mistyped --train_args keys before any 
   [ -n "${train_args// /}" ] || return 0
   local problem
   # shellcheck disable=SC2086,SC2154  # --train_args is a string of words; the driver defines recipe, hparams
-  problem=$($python -m privasr.faults check-overrides "$PRIVASR_ROOT/$recipe/$hparams" $train_args 2>&1 >/dev/null) \
+  problem=$($python -m privasr.cli.hparams check-overrides "$PRIVASR_ROOT/$recipe/$hparams" $train_args 2>&1 >/dev/null) \
     || die "--train_args: ${problem#--train_args: error: }"
 }
 
@@ -257,7 +257,7 @@ stage_canaries() {  # stage_canaries CORPUS OUT ARGS...: canaries and holdout in
 }
 
 tokenizer_from_hparams() {  # the recipe YAML's tokenizer (vocab_size, tokenizer_type), unless given as options
-  $python -c "import sys; from privasr.faults import yaml_defaults; h = yaml_defaults(sys.argv[1]);
+  $python -c "import sys; from privasr.cli.hparams import yaml_defaults; h = yaml_defaults(sys.argv[1]);
 print('--vocab-size', sys.argv[2] or h['vocab_size'], '--model-type', sys.argv[3] or h['tokenizer_type'])" \
     "$PRIVASR_ROOT/$recipe/$hparams" "$vocab_size" "$tokenizer_type"
 }
