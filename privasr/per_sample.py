@@ -2,7 +2,8 @@ r"""Per-shard (virtual-core) and per-example gradients with torch.func.
 
 A process that emulates ``K`` cores splits its batch of ``N`` examples into ``K`` shards
 and needs each shard's mean gradient :math:`\bar g_k = \nabla_\theta L(\theta; \text{shard}_k)`.
-Per-example gradients are the special case ``K = N`` (PEC, DP-SGD).
+Per-example gradients are the special case ``K = N``: either function below with
+``num_shards`` equal to the batch size (PEC, DP-SGD).
 
 Two modes compute the same numbers:
 
@@ -117,9 +118,3 @@ def shard_grads_vmap(
     )
     return [grads[f"model.{n}"] for n, _ in named], losses
 
-
-def per_example_grads(
-    model: torch.nn.Module, loss_fn: ShardLoss, tensors: Sequence[torch.Tensor], randomness: str = "different"
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-example gradients ``[N, *shape]`` per trainable parameter (``K = N`` shards)."""
-    return shard_grads_vmap(model, loss_fn, tensors, tensors[0].shape[0], randomness)

@@ -18,13 +18,14 @@ two missing pieces:
   leaves either the previous checkpoint or the new one, never a directory SpeechBrain
   would try (and fail) to load. Its directory is only created by the first save, so a run
   refused for bad input leaves nothing behind. :func:`make_atomic` upgrades a plain
-  ``Checkpointer`` built by a recipe's YAML (what :class:`privasr.brain.PrivateBrain` does).
+  ``Checkpointer`` built by a recipe's YAML (what :class:`privasr.brain.PrivasrBrain` does).
 
 Data order is a function of ``(seed, epoch, position)``: SpeechBrain's samplers reseed
 from ``seed + epoch`` and the loader fast-forwards to the saved position. The one
-global-RNG draw a ``DataLoader`` makes per epoch (the base seed of its workers) is taken
-from :func:`epoch_generator` instead, so it neither depends on nor disturbs the global
-streams restored here.
+global-RNG draw a ``DataLoader`` makes per epoch (the base seed of its workers) comes
+instead from the training loader's own generator, which
+:class:`~privasr.brain.PrivasrBrain` reseeds with :func:`seed_for_epoch` at the start of
+every epoch, so it neither depends on nor disturbs the global streams restored here.
 """
 from __future__ import annotations
 
@@ -94,13 +95,12 @@ def _as_python_state(state) -> tuple:
     return version, tuple(internal), gauss
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A generator for a loader's per-epoch draws, independent of the global streams."""
-    return torch.Generator().manual_seed(seed_for_epoch(seed, epoch))
-
-
 def seed_for_epoch(seed: int, epoch: int) -> int:
-    """A distinct 63-bit seed per ``(seed, epoch)``."""
+    """A distinct 63-bit seed per ``(seed, epoch)``: ``(seed * 1,000,003 + epoch) mod 2^63``.
+
+    The seed of the training loader's own generator in epoch ``epoch`` (the draw of its workers'
+    base seed); distinct for every epoch < 1,000,003 of one seed.
+    """
     return (int(seed) * 1_000_003 + int(epoch)) % (2 ** 63)
 
 

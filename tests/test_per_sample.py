@@ -5,7 +5,7 @@ from speechbrain.lobes.models.transformer.Conformer import ConformerEncoder, Con
 from speechbrain.nnet.attention import RelPosEncXL
 
 from privasr.models.encoder import MaskedConvolutionModule
-from privasr.per_sample import per_example_grads, shard_grads_loop, shard_grads_vmap, split_into_shards
+from privasr.per_sample import shard_grads_loop, shard_grads_vmap, split_into_shards
 
 from .toy import mse_loss_fn, toy_batch, toy_model
 
@@ -55,19 +55,25 @@ def padded_batch(lengths, feats=5, out=4, seed=0):
 
 
 def test_per_example_grads_of_conformer_match_single_unpadded_examples():
+    """One shard per example (K = N, what PEC and DP-SGD use), vmap and loop: each example's gradient in the
+    padded batch is the gradient of that example alone, unpadded."""
     torch.manual_seed(0)
     model = TinyConformer()
     x, lens, target = padded_batch([7, 4, 6])
     loss = conformer_loss(model)
-    grads, losses = per_example_grads(model, loss, (x, lens, target))
+    grads, losses = shard_grads_vmap(model, loss, (x, lens, target), num_shards=3)
+    looped = list(shard_grads_loop(model, loss, (x, lens, target), num_shards=3))
     params = [p for p in model.parameters() if p.requires_grad]
     for i, n in enumerate(lens.tolist()):
         single = loss(x[i:i + 1, :n], lens[i:i + 1], target[i:i + 1])
         expected = torch.autograd.grad(single, params, allow_unused=True)
         assert float(losses[i]) == pytest.approx(float(single.detach()), rel=1e-5)
-        for g, e in zip(grads, expected):
+        assert float(looped[i][1]) == pytest.approx(float(single.detach()), rel=1e-5)
+        for g, gl, e in zip(grads, looped[i][0], expected):
             e = torch.zeros_like(g[i]) if e is None else e
+            gl = torch.zeros_like(g[i]) if gl is None else gl
             assert torch.allclose(g[i], e, rtol=1e-4, atol=1e-6), float((g[i] - e).abs().max())
+            assert torch.allclose(gl, e, rtol=1e-4, atol=1e-6), float((gl - e).abs().max())
 
 
 def test_vmap_and_loop_shard_gradients_agree():
@@ -94,12 +100,14 @@ def test_frozen_parameters_are_left_out():
     model = toy_model()
     model[0].weight.requires_grad_(False)
     x, y = toy_batch()
-    grads, _ = per_example_grads(model, mse_loss_fn(model), (x, y))
+    grads, _ = shard_grads_vmap(model, mse_loss_fn(model), (x, y), num_shards=len(x))
     assert len(grads) == 3 and grads[0].shape == (8, 8)  # model[0].bias comes first
+    looped, _ = next(shard_grads_loop(model, mse_loss_fn(model), (x, y), num_shards=len(x)))
+    assert [g.shape for g in looped] == [g.shape[1:] for g in grads]
 
 
 def test_speechbrain_conformer_alone_leaks_padding():
-    """Why make_conformer_padding_safe exists: without it a padded example's gradient changes."""
+    """Why make_padding_safe (MaskedConvolutionModule) exists: without it a padded example's gradient changes."""
     torch.manual_seed(0)
     model = TinyConformer()
     for module in model.encoder.modules():  # undo the fix

@@ -98,8 +98,9 @@ def ctc_loss(log_probs: torch.Tensor, out_lens: torch.Tensor, tokens: torch.Tens
     token_lens: ``[B]`` relative lengths of ``tokens``.
     reduction:
         ``"none"``: per-utterance negative log-likelihood ``[B]``, *not* zeroed
-        when infinite (transcript longer than the frames allow), so callers
-        can :func:`count_infinite`;
+        when infinite (transcript longer than the frames allow), so a caller
+        sees which utterances cannot be aligned (the ASR Brain averages the
+        finite ones and writes ``inf`` as that utterance's score);
         ``"sum"``: ``sum_b nll_b``, infinite terms zeroed (and their gradients);
         ``"mean"``: ``mean_b nll_b / max(S_b, 1)``, infinite terms zeroed
         (PyTorch's and SpeechBrain's ``"mean"``).
