@@ -287,3 +287,24 @@ class PrivacyLedger:
             f"PrivacyLedger(steps={self.steps}, epsilon={self.epsilon():.4g}, "
             f"delta={self.delta:g}, accountant={self.accountant!r})"
         )
+
+
+def max_steps_within(ledger: PrivacyLedger, noise_multiplier: float, sample_rate: float,
+                     target_epsilon: float, limit: int = 10**9) -> int:
+    r"""The largest :math:`T` with :math:`\varepsilon(\text{history} + T \text{ steps}) \le \varepsilon^*`.
+
+    Exponential search then bisection on :meth:`PrivacyLedger.epsilon_after` (ε grows with T),
+    so :math:`O(\log T)` accountant calls; at most ``limit``.
+    """
+    fits = lambda t: ledger.epsilon_after(noise_multiplier, sample_rate, t) <= target_epsilon  # noqa: E731
+    if not fits(0):
+        return 0
+    low, high = 0, 1
+    while high < limit and fits(high):
+        low, high = high, min(2 * high, limit)
+    if high == limit and fits(high):
+        return limit
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low

@@ -7,7 +7,7 @@ import sys
 import dp_accounting
 import pytest
 
-from privasr.accounting import PrivacyLedger, epsilon, noise_multiplier_for, steps_per_epoch
+from privasr.accounting import PrivacyLedger, epsilon, max_steps_within, noise_multiplier_for, steps_per_epoch
 
 # (q, sigma, T, delta): CIFAR-like, the paper's small delta, a large-T long run, full batch.
 CASES = [
@@ -141,3 +141,14 @@ def test_cli_bad_input_is_one_line_exit_2(args):
     assert out.returncode == 2 and out.stdout == ""
     assert len(out.stderr.strip().splitlines()) == 1 and "error" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_max_steps_within_matches_a_linear_search():
+    sigma, q = 1.3, 0.1
+    ledger = PrivacyLedger(1e-5)
+    ledger.step(sigma, q, 5)
+    target = ledger.epsilon_after(sigma, q, 37) + 1e-9
+    linear = next(t for t in range(200) if ledger.epsilon_after(sigma, q, t + 1) > target)
+    assert max_steps_within(ledger, sigma, q, target) == linear == 37
+    assert max_steps_within(ledger, 0.0, q, 1.0) == 0  # sigma = 0: not even one step fits
+    assert max_steps_within(PrivacyLedger(1e-5), 50.0, q, 1e3, limit=64) == 64  # capped at the limit

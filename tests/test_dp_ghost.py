@@ -6,9 +6,10 @@ import pytest
 import speechbrain as sb
 import torch
 
-from privasr.dp.brain import DPSGDBrain, LAYER_REGEX, clipped_example_sum
+from privasr.dp.brain import DPSGDBrain, LAYER_REGEX
 from privasr.dp.memory import estimate, trace_layers
 from privasr.dp.per_layer import PerLayerClipper
+from privasr.dp.step import clipped_example_sum
 from privasr.ghost import ghost_pass
 from privasr.models.bestrq import BestRQ
 from privasr.ssl.pretrained import build_encoder

@@ -2,16 +2,16 @@
 
 Every row runs in its own fresh group of gloo (CPU) or nccl (GPU) processes, with the model,
 batch, timing and memory measurement of :mod:`privasr.cli.bench_clipping` (imported, not copied). A
-DP-SGD step is the one of :class:`privasr.dp.brain.DPSGDBrain`: per-example gradients, clipping
-(flat or per-layer), the clipped sum + Gaussian noise once (rank 0) in one SUM all-reduce,
-division by the expected batch, SGD update. Ratios are to ``none`` (one backward per process,
+DP-SGD step is :class:`privasr.dp.step.DPSGDStep`, the object :class:`privasr.dp.brain.DPSGDBrain`
+trains with: per-example gradients, clipping (flat or per-layer), the clipped sum + Gaussian noise
+once (rank 0) in one SUM all-reduce, division by the expected batch; then an SGD update. Ratios are to ``none`` (one backward per process,
 one all-reduce) measured in the same run.
 
 Rows: ``none``; ``dp-<flat|uniform|dim>[-freeze][-<loop|vmap|ghost>]``: the clipping, with
 ``-freeze`` the lowest-score half of the layers (LayerFreeze scores from one gradient of the
 batch) frozen first, so those layers get no per-example gradient, clipping or noise, and the
 per-example route (default ``--grad-mode``): ``loop``/``vmap`` per-example gradients, or ``ghost``
-(:func:`privasr.dp.brain.ghost_clipped_sum`: ghost norms and book-keeping, none formed). The
+(:func:`privasr.dp.step.ghost_clipped_sum`: ghost norms and book-keeping, none formed). The
 default rows put the three routes side by side for flat and dim clipping.
 
     privasr-bench-dp --nproc 2 --batch 4 --seconds 2 --json bench_dp.json
@@ -64,11 +64,11 @@ def dp_step_fn(args, model, batch, strategy):
         return _CLIPPING_STEP_FN(args, model, batch, strategy)
     import torch.distributed as dist
 
-    from privasr.dp.brain import LAYER_REGEX, clipped_example_sum
-    from privasr.ghost import summed_shard_loss
-    from privasr.dp.noise import make_generator, privatize
+    from privasr.dp.brain import LAYER_REGEX
+    from privasr.dp.noise import NoiseSource
     from privasr.dp.per_layer import PerLayerClipper
-    from privasr.per_sample import trainable_parameters
+    from privasr.dp.step import DPSGDStep
+    from privasr.ghost import summed_shard_loss
 
     mode, freeze, grad_mode = row_settings(strategy, args.grad_mode)
     feats, feat_lens = model.features(batch[0], batch[1])
@@ -82,15 +82,13 @@ def dp_step_fn(args, model, batch, strategy):
         _freeze_lowest_half(model, loss_fn, tensors, args.freeze_fraction)
     clipper = PerLayerClipper(model.named_parameters(), 1.0, mode, LAYER_REGEX)
     ghost_loss = summed_shard_loss(loss_fn, 1, "mean")  # the CTC loss is a mean of per-example losses
-    params = [p for _, p in trainable_parameters(model)]
-    optimizer = torch.optim.SGD(params, lr=1e-5)
-    generator = make_generator(0)
-    expected_batch = float(args.batch * dist.get_world_size())
+    dp = DPSGDStep(model, clipper, noise_multiplier=1.0, expected_batch_size=float(args.batch * dist.get_world_size()),
+                   noise=NoiseSource(0), grad_mode=grad_mode, micro_batch=args.micro_batch)
+    optimizer = torch.optim.SGD(dp.params, lr=1e-5)
 
     def step():
-        sums, _, _ = clipped_example_sum(model, loss_fn, tensors, clipper, grad_mode, args.micro_batch, ghost_loss)
-        for p, g in zip(params, privatize(sums, 1.0, 1.0, expected_batch, generator)):
-            p.grad = g
+        dp.backward(loss_fn, *tensors, ghost_loss_fn=ghost_loss)
+        dp.reduce()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step

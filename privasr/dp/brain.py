@@ -5,9 +5,15 @@ One step :math:`t` (Abadi et al. 2016, with the per-layer clipping of the DP enc
     B_t ⊂ [N], each example in with probability q        PoissonBatchSampler; rank r keeps B_t[r::W]
     g_i  = ∇_θ ℓ(θ; x_i)            for i ∈ B_t           privasr.per_sample (trained parameters only)
     ḡ_i  = clip(g_i)                                       privasr.dp.per_layer (flat | uniform | dim)
-    (ghost: Σ_i ḡ_i from ghost norms, no g_i formed)       privasr.ghost + ghost_clipped_sum
+    (ghost: Σ_i ḡ_i from ghost norms, no g_i formed)       privasr.ghost + privasr.dp.step.ghost_clipped_sum
     g̃_t  = (Σ_i ḡ_i + 𝒩(0, σ²C² I)) / (qN)                privasr.dp.noise.privatize
-    θ   ← optimizer(θ, g̃_t);   ledger += (σ, q)            privasr.accounting.PrivacyLedger
+    ledger += (σ, q)                                       privasr.accounting.PrivacyLedger
+    θ   ← optimizer(θ, g̃_t)
+
+The middle lines are one object, :class:`privasr.dp.step.DPSGDStep` (also what
+``privasr-bench-dp`` times); this module adds the Brain around it: the Poisson loader
+(:mod:`privasr.dp.poisson`), the ε budget (:func:`privasr.accounting.max_steps_within`), the
+reports (:mod:`privasr.dp.report`), the public warm-start and the layer freezing.
 
 Flat clipping bounds :math:`\|\bar g_i\|_2 \le C`; per-layer clipping bounds every layer
 :math:`k` by :math:`C_k` with :math:`\sum_k C_k^2 = C^2` (``uniform``: :math:`C/\sqrt K`,
@@ -21,12 +27,15 @@ Frozen layers (``requires_grad=False``, see :class:`privasr.freezing.LayerFreeze
 gradient, no clipping budget and no noise: :math:`C_k`, the noise and the accountant only
 ever see the trained parameters.
 
-:class:`DPSGDBrain` keeps :class:`privasr.brain.PrivateBrain`'s contract: a recipe defines
-``batch_to_tensors(batch)`` and ``shard_loss(*tensors)`` (plus SpeechBrain's evaluation
-methods), and its DP version is ``make_dp_brain(RecipeBrain)`` -- nothing else changes.
+:class:`DPSGDBrain` is a sibling of :class:`privasr.brain.PerCoreBrain` over the shared
+infrastructure :class:`privasr.brain.PrivasrBrain` (no DDP wrapper, atomic checkpoints, RNG
+state, counters) and keeps the recipe contract: a recipe defines ``batch_to_tensors(batch)`` and
+``shard_loss(*tensors)`` (plus SpeechBrain's evaluation methods), and its DP version is
+``make_dp_brain(RecipeBrain)`` -- nothing else changes.
 
 Before the private phase, :meth:`DPSGDBrain.public_warm_start` trains non-privately on a
-public subset (paper §4.2.1) while accumulating the LayerFreeze scores
+public subset (paper §4.2.1; an ordinary data-parallel step,
+:class:`privasr.private_step.PerCoreClipping` with ``method="none"``) while accumulating the LayerFreeze scores
 :math:`s_l = \frac{1}{D_l}\sum_t\|\nabla_{\theta_l}\mathcal L_t\|^2` (§4.2.3), then freezes
 the lowest-scoring layers.
 
@@ -45,7 +54,7 @@ Hyper-parameters (all in the recipe's YAML):
 ``dp_micro_batch``         examples per vmap call or ghost pass (memory bound; default 8)
 ``core_grad_mode``         ``loop`` | ``vmap`` per-example gradients, or ``ghost``: per-example
                            (per-layer) norms and the clipped sum with no per-example
-                           gradient (:func:`ghost_clipped_sum`; default ``loop``)
+                           gradient (:func:`privasr.dp.step.ghost_clipped_sum`; default ``loop``)
 ``layer_regex``            layer grouping for per-layer clipping and freezing
 ``privacy_file``           JSON results (default ``<output_folder>/privacy.json``)
 ``warm_start_epochs``      epochs over the public set (warm-start; default 0)
@@ -59,44 +68,37 @@ Hyper-parameters (all in the recipe's YAML):
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import speechbrain as sb
 import torch
-from speechbrain.dataio.dataloader import SaveableDataLoader
-from speechbrain.dataio.dataset import DynamicItemDataset
-from speechbrain.dataio.batch import PaddedBatch
-from speechbrain.utils.checkpoints import Checkpointer, mark_as_loader, mark_as_saver, register_checkpoint_hooks
+from speechbrain.utils.checkpoints import Checkpointer
 from torch.utils.data import DistributedSampler
-from torch.utils.data.dataloader import default_collate
 from tqdm import tqdm
 
-from privasr.accounting import ACCOUNTANTS, PrivacyLedger
-from privasr.brain import CORE_GRAD_MODES, PrivateBrain
+from privasr.accounting import ACCOUNTANTS, PrivacyLedger, max_steps_within
+from privasr.brain import PrivasrBrain
 from privasr.distributed import world_info
-from privasr.dp.noise import all_reduce_sum, make_generator, privatize
 from privasr.dp.memory import estimate, trace_layers
-from privasr.dp.per_layer import CLIP_MODES, ClipResult, PerLayerClipper
-from privasr.dp.poisson import PoissonBatchSampler
+from privasr.dp.noise import NoiseSource
+from privasr.dp.per_layer import CLIP_MODES, PerLayerClipper
+from privasr.dp.poisson import EmptyBatch, PoissonBatchSampler, poisson_dataloader
+from privasr.dp.report import privacy_summary, report_privacy
+from privasr.dp.step import DPSGDStep, DPStepStats
 from privasr.freezing import LayerFreezer
-from privasr.ghost import ghost_pass, summed_shard_loss
-from privasr.per_sample import shard_grads_loop, shard_grads_vmap, trainable_parameters
+from privasr.ghost import summed_shard_loss
+from privasr.per_sample import trainable_parameters
+from privasr.private_step import CORE_GRAD_MODES, PerCoreClipping
 
 logger = logging.getLogger(__name__)
 
 #: Default layer grouping: each ``layers.<i>`` block, the conv front end, the final norm
 #: and each head is one layer (anything else falls back to its top-level module).
 LAYER_REGEX = r"^(.*?\blayers\.\d+|.*?\bsubsampling|.*?\bconformer\.norm|.*?\w*head)\."
-
-#: Loader options that Poisson sampling replaces (ignored for the private training set).
-_BATCHING_OPTIONS = ("batch_size", "shuffle", "drop_last", "sampler", "batch_sampler")
-
 
 # -- configuration -----------------------------------------------------------------------
 def _required(hparams, name: str):
@@ -165,160 +167,15 @@ class DPConfig:
         )
 
 
-# -- small recoverable pieces --------------------------------------------------------------
-@register_checkpoint_hooks
-class NoiseSource:
-    """The DP noise generator, checkpointed so that a resumed run re-draws exactly the noise
-    of the steps it repeats (the same Poisson batches and the same noise: the same release).
-
-    ``seed=None`` draws a secret seed from the OS (what a real private run must use).
-    """
-
-    def __init__(self, seed: Optional[int] = None):
-        self.generator = make_generator(seed)
-
-    @mark_as_saver
-    def save(self, path) -> None:
-        torch.save(self.generator.get_state(), path)
-
-    @mark_as_loader
-    def load(self, path, end_of_epoch: bool = False) -> None:
-        self.generator.set_state(torch.load(path))
-
-
-class EmptyBatch:
-    """What the Poisson loader yields for a step whose local batch is empty (noise only)."""
-
-    def __len__(self) -> int:
-        return 0
-
-
-class PoissonCollate:
-    """Wraps a collate function so that an empty list of examples becomes an :class:`EmptyBatch`."""
-
-    def __init__(self, collate):
-        self.collate = collate
-
-    def __call__(self, examples):
-        return EmptyBatch() if len(examples) == 0 else self.collate(examples)
-
-
-def max_steps_within(ledger: PrivacyLedger, noise_multiplier: float, sample_rate: float,
-                     target_epsilon: float, limit: int = 10**9) -> int:
-    r"""The largest :math:`T` with :math:`\varepsilon(\text{history} + T \text{ steps}) \le \varepsilon^*`.
-
-    Exponential search then bisection on :meth:`PrivacyLedger.epsilon_after` (ε grows with T).
-    """
-    fits = lambda t: ledger.epsilon_after(noise_multiplier, sample_rate, t) <= target_epsilon  # noqa: E731
-    if not fits(0):
-        return 0
-    low, high = 0, 1
-    while high < limit and fits(high):
-        low, high = high, min(2 * high, limit)
-    if high == limit and fits(high):
-        return limit
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
-
-
-def _add(total: Optional[List[torch.Tensor]], part: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    return list(part) if total is None else [a + b for a, b in zip(total, part)]
-
-
-def _dense(grads: Sequence[Optional[torch.Tensor]], params: Sequence[torch.nn.Parameter]) -> List[torch.Tensor]:
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-
-
-def clipped_example_sum(module: torch.nn.Module, loss_fn, tensors: Sequence[torch.Tensor], clipper: PerLayerClipper,
-                        grad_mode: str = "loop", micro_batch: int = 8, ghost_loss_fn=None):
-    r""":math:`\sum_i \mathrm{clip}(\nabla_\theta \ell(\theta; x_i))` over the examples of ``tensors`` (dim 0).
-
-    Args:
-        module: owns the trained parameters (those with ``requires_grad``, in the clipper's order).
-        loss_fn: ``loss_fn(*example_tensors) -> scalar`` for a batch of one example.
-        clipper: a :class:`~privasr.dp.per_layer.PerLayerClipper` built on ``module``'s trained parameters.
-        grad_mode: ``loop`` (one backward per example, memory of one gradient), ``vmap``
-            (``micro_batch`` examples per vectorised call) or ``ghost`` (``micro_batch`` examples per
-            recorded forward + backward, no per-example gradient: :func:`ghost_clipped_sum`).
-        ghost_loss_fn: for ``ghost``, ``ghost_loss_fn(*batch_tensors)`` -> each example's loss
-            ``[n]`` (its ``loss_fn`` alone), or their sum (a scalar).
-
-    Returns:
-        ``(sums, losses, results)``: one summed tensor per trained parameter, the per-example
-        losses ``[B]`` (ghost with a summed loss: each example carries its chunk's mean loss), and the
-        :class:`~privasr.dp.per_layer.ClipResult` of each chunk.
-    """
-    if grad_mode not in CORE_GRAD_MODES:
-        raise ValueError(f"unknown grad_mode {grad_mode!r}; accepted: {', '.join(CORE_GRAD_MODES)}")
-    params = [p for _, p in trainable_parameters(module)]
-    batch = tensors[0].shape[0]
-    sums, losses, results = None, [], []
-    if grad_mode == "loop":
-        for grads, loss in shard_grads_loop(module, loss_fn, tensors, batch):
-            results.append(clipper([g.unsqueeze(0) for g in _dense(grads, params)]))
-            losses.append(loss.view(1))
-            sums = _add(sums, results[-1].summed)
-        return sums, torch.cat(losses), results
-    if grad_mode == "ghost" and ghost_loss_fn is None:
-        raise ValueError("grad_mode 'ghost' needs ghost_loss_fn: each example's loss [n] (or their sum) from one "
-                         "forward of the batch")
-    for start in range(0, batch, micro_batch):
-        chunk = [t[start:start + micro_batch] for t in tensors]
-        size = chunk[0].shape[0]
-        if grad_mode == "ghost":
-            result, chunk_losses = ghost_clipped_sum(module, ghost_loss_fn, chunk, clipper)
-        else:
-            grads, chunk_losses = shard_grads_vmap(module, loss_fn, chunk, size)
-            result = clipper(grads)
-        results.append(result)
-        chunk_losses = chunk_losses.reshape(-1)
-        losses.append(chunk_losses if chunk_losses.numel() == size else (chunk_losses / size).expand(size))
-        sums = _add(sums, result.summed)
-    return sums, torch.cat(losses), results
-
-
-def ghost_clipped_sum(module: torch.nn.Module, loss_fn, tensors: Sequence[torch.Tensor], clipper: PerLayerClipper):
-    r"""Per-layer clipped sum of a chunk by ghost norms: no per-example gradient is formed.
-
-    One recorded forward + backward (:func:`privasr.ghost.ghost_pass`) gives every example's
-    squared norm per parameter, :math:`\|\nabla_{\theta_p}\ell_i\|^2`. Group :math:`k`'s norm is
-    :math:`\sqrt{\sum_{p \in k} \|\nabla_{\theta_p}\ell_i\|^2}` and its factors
-    :math:`f_{k,i}` come from :meth:`PerLayerClipper.factors_from_sq_norms` (the rule of
-    :func:`~privasr.dp.per_layer.clip_per_layer`). The sum :math:`\sum_i f_{k,i} \nabla_{\theta_p}\ell_i`
-    for :math:`p \in k` is book-keeping: every parameter's per-example gradient is a function of its
-    own recorded activations and output gradients (:class:`privasr.ghost.GhostPass`), so each
-    group is summed with its own factors -- one factor per (group, example), one backward in all.
-    Non-finite examples get factor 0 and their rows are replaced by zeros (never ``0 * NaN``).
-
-    Returns:
-        ``(ClipResult, losses)``: what :func:`~privasr.dp.per_layer.clip_per_layer` returns for the
-        vmap gradients of the chunk, and ``loss_fn``'s result (detached).
-    """
-    result = ghost_pass(module, loss_fn, tensors)
-    if result.names != clipper.names:
-        raise ValueError("the clipper's parameters are not the module's trained parameters in order; rebuild the "
-                         "clipper after freezing (DPSGDBrain.clipper() does)")
-    factors, finite, clipped = clipper.factors_from_sq_norms(result.sq_norms)
-    params = dict(trainable_parameters(module))
-    summed: dict = {}
-    for k, members in enumerate(clipper.groups.values()):
-        group = dataclasses.replace(result, names=list(members))  # the same records, this group's parameters
-        for name, total in zip(members, group.weighted_sum(factors[k], finite, [params[n].shape for n in members])):
-            summed[name] = torch.zeros_like(params[name]) if total is None else total  # unused: zero gradient
-    kept = int(finite.sum())
-    return ClipResult([summed[n] for n in clipper.names], kept, int(finite.numel()) - kept, clipped), result.losses
-
-
 # -- the Brain -----------------------------------------------------------------------------
-class DPSGDBrain(PrivateBrain):
-    """``PrivateBrain`` whose training step is DP-SGD (see the module docstring)."""
+class DPSGDBrain(PrivasrBrain):
+    """A privasr Brain whose training step is DP-SGD (see the module docstring)."""
 
     def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
-        # DP-SGD's core_grad_mode is DPConfig.grad_mode, used by this class's own fit_batch; the
-        # per-core step's config (PerCoreBrain, unused here) refuses 'ghost' for a Brain with its own
-        # fit_batch, so it is built with loop and the DP mode is restored on self.hparams after.
+        # DP-SGD's core_grad_mode is DPConfig.grad_mode, used by this class's own fit_batch. A recipe
+        # Brain that is a PerCoreBrain (BestRQBrain, ASRBrain) brings the per-core step's config into
+        # the MRO, which refuses 'ghost' for a Brain with its own fit_batch; it is built with loop and
+        # the DP mode is restored on self.hparams after.
         hparams = dict(hparams or {})
         grad_mode = hparams.get("core_grad_mode", "loop")
         super().__init__(modules, opt_class, {**hparams, "core_grad_mode": "loop"}, run_opts, checkpointer)
@@ -336,7 +193,7 @@ class DPSGDBrain(PrivateBrain):
                            "a private run needs noise_seed: null", self.dp.noise_seed)
         self.freezer = LayerFreezer(self.modules, self.dp.layer_regex)
         self.sampler: Optional[PoissonBatchSampler] = None
-        self._clipper: Optional[PerLayerClipper] = None
+        self._dp_step: Optional[DPSGDStep] = None  # rebuilt when the trained parameters change (freezing)
         self._budget: Optional[int] = None
         self._memory_logged = False
         self.stopped_at_target = False
@@ -365,14 +222,8 @@ class DPSGDBrain(PrivateBrain):
         rank, world = world_info()
         self.sampler = PoissonBatchSampler(num, self.dp.batch_size / num, self.dp.sampling_seed, rank, world)
         self.train_sampler = self.sampler  # SpeechBrain calls set_epoch(epoch) on it
-        ignored = [k for k in _BATCHING_OPTIONS if loader_kwargs.pop(k, None) is not None]
-        if ignored:
-            logger.info("Poisson sampling replaces the loader options %s of the private training set", ignored)
-        collate = loader_kwargs.pop("collate_fn", None) or (
-            PaddedBatch if isinstance(dataset, DynamicItemDataset) else default_collate)
-        loader_kwargs.setdefault("generator", torch.Generator().manual_seed(self.dp.sampling_seed))  # not the global RNG
-        loader = SaveableDataLoader(dataset, batch_sampler=self.sampler, collate_fn=PoissonCollate(collate),
-                                    **loader_kwargs)
+        self._dp_step = None  # its q and qN are the sampler's
+        loader = poisson_dataloader(dataset, self.sampler, self.dp.sampling_seed, **loader_kwargs)
         if self.checkpointer is not None and ckpt_prefix is not None:
             self.checkpointer.add_recoverable(ckpt_prefix + stage.name, loader)
         return loader
@@ -385,7 +236,7 @@ class DPSGDBrain(PrivateBrain):
                              "not a DataLoader, so that DPSGDBrain makes its Poisson loader")
         if self.freezer.frozen:
             self.freezer.apply(self.modules)
-        self._clipper = None
+        self._dp_step = None
         self._budget = self._remaining_budget()
         if self._budget == 0:
             self._stop_at_target()
@@ -420,11 +271,18 @@ class DPSGDBrain(PrivateBrain):
             self._stop_at_target()
             return torch.tensor(float("nan"))
         self.on_fit_batch_start(batch, True)
-        sums, loss, stats = self._clipped_sum(batch)
-        grads = privatize(sums, self.dp.noise_multiplier, self.dp.clip_bound,
-                          self.sampler.expected_batch_size, self.noise.generator)
+        step = self.dp_step()
+        if not isinstance(batch, EmptyBatch):  # an empty local batch adds nothing but still takes the noise
+            tensors = self.batch_to_tensors(batch)
+            ghost_loss = self._ghost_loss() if self.dp.grad_mode == "ghost" else None
+            if not self._memory_logged:
+                self._log_memory(tensors, ghost_loss)
+            with self.training_ctx:
+                step.backward(self.shard_loss, *tensors, ghost_loss_fn=ghost_loss)
+        grads, stats = step.noisy_mean()  # the noise once across processes; the ledger counts the step
+        self.counters.dropped_cores += stats.num_dropped
+        loss = stats.loss
         self._step_optimizers(grads)
-        self.ledger.step(self.dp.noise_multiplier, self.sample_rate)
         if self._budget is not None:
             self._budget -= 1
             if self._budget == 0:
@@ -433,12 +291,19 @@ class DPSGDBrain(PrivateBrain):
         self.on_fit_batch_end(batch, None, loss, True)
         return loss
 
+    def dp_step(self) -> DPSGDStep:
+        """The DP-SGD step of the *currently trained* parameters (rebuilt after freezing), counted in the ledger."""
+        if self._dp_step is None:
+            clipper = PerLayerClipper(self.modules.named_parameters(), self.dp.clip_bound, self.dp.clip_mode,
+                                      self.dp.layer_regex)
+            self._dp_step = DPSGDStep(self.modules, clipper, self.dp.noise_multiplier,
+                                      self.sampler.expected_batch_size, self.noise, self.dp.grad_mode,
+                                      self.dp.micro_batch, self.ledger, self.sample_rate)
+        return self._dp_step
+
     def clipper(self) -> PerLayerClipper:
         """The per-layer clipper of the *currently trained* parameters (rebuilt after freezing)."""
-        if self._clipper is None:
-            self._clipper = PerLayerClipper(self.modules.named_parameters(), self.dp.clip_bound,
-                                            self.dp.clip_mode, self.dp.layer_regex)
-        return self._clipper
+        return self.dp_step().clipper
 
     def _ghost_loss(self):
         """The loss ghost differentiates: per-example losses, or the sum of the examples' shard losses.
@@ -455,7 +320,8 @@ class DPSGDBrain(PrivateBrain):
         example_losses = getattr(self, "example_losses", None)
         if example_losses is not None:
             return example_losses
-        reduction = self.shard_loss_reduction()
+        # a recipe hook of the per-core Brains (PerCoreBrain.shard_loss_reduction); "mean" when absent
+        reduction = getattr(self, "shard_loss_reduction", lambda: "mean")()
         if reduction not in ("mean", "sum"):
             raise ValueError(
                 f"core_grad_mode 'ghost' needs each example's loss from one forward of the batch, but "
@@ -463,23 +329,6 @@ class DPSGDBrain(PrivateBrain):
                 f"(shard_loss_reduction() = {reduction!r}): define {type(self).__name__}.example_losses(*tensors) "
                 "-> [n] (each example's shard_loss alone), or use core_grad_mode loop or vmap")
         return summed_shard_loss(self.shard_loss, 1, reduction)
-
-    def _clipped_sum(self, batch):
-        r"""This rank's :math:`\sum_{i \in B_t^r} \bar g_i`, the mean loss and clipping statistics."""
-        if isinstance(batch, EmptyBatch):
-            zeros = [torch.zeros_like(p) for _, p in trainable_parameters(self.modules)]
-            return zeros, torch.tensor(float("nan")), None
-        tensors = self.batch_to_tensors(batch)
-        ghost_loss = self._ghost_loss() if self.dp.grad_mode == "ghost" else None
-        if not self._memory_logged:
-            self._log_memory(tensors, ghost_loss)
-        with self.training_ctx:
-            sums, losses, results = clipped_example_sum(self.modules, self.shard_loss, tensors, self.clipper(),
-                                                        self.dp.grad_mode, self.dp.micro_batch, ghost_loss)
-        self.counters.dropped_cores += sum(r.num_dropped for r in results)
-        finite = losses[torch.isfinite(losses)]
-        loss = finite.mean() if finite.numel() else torch.tensor(float("nan"))
-        return sums, loss.detach().cpu(), results
 
     def _log_memory(self, tensors, ghost_loss) -> None:
         """One line at the first non-empty batch: per-example gradients vs ghost's records (:mod:`privasr.dp.memory`).
@@ -503,21 +352,15 @@ class DPSGDBrain(PrivateBrain):
         logger.info("DP-SGD (%s), %d examples padded to %s: %s", self.dp.grad_mode, tensors[0].shape[0],
                     tuple(tensors[0].shape[1:]), est.line())
 
-    def _params(self) -> List[torch.nn.Parameter]:
-        return [p for _, p in trainable_parameters(self.modules)]
-
     # -- logging and results ---------------------------------------------------------------
-    def _log_dp_step(self, results: Optional[List[ClipResult]]) -> None:
+    def _log_dp_step(self, stats: DPStepStats) -> None:
         every = int(getattr(self.hparams, "log_every_n_steps", 0) or 0)
         writer = self._tensorboard()
         if every <= 0 or self.optimizer_step % every or writer is None or not sb.utils.distributed.if_main_process():
             return
-        kept = sum(r.num_kept for r in results) if results else 0
-        writer.add_scalar("dp/local_batch_size", kept, self.optimizer_step)
-        if kept:  # per layer: the fraction of this rank's examples that were clipped
-            per_layer = torch.tensor([r.clipped_fraction for r in results], dtype=torch.float64)
-            weights = torch.tensor([r.num_kept for r in results], dtype=torch.float64).unsqueeze(1)
-            clipped = (per_layer * weights).sum(0) / kept
+        writer.add_scalar("dp/local_batch_size", stats.num_kept, self.optimizer_step)
+        clipped = stats.clipped_fraction  # per layer: the fraction of this rank's examples that were clipped
+        if clipped is not None:
             writer.add_scalar("dp/clipped_fraction_mean_over_layers", float(clipped.mean()), self.optimizer_step)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
@@ -526,37 +369,15 @@ class DPSGDBrain(PrivateBrain):
             self.report_privacy(epoch)
 
     def privacy_summary(self) -> dict:
-        """Everything a reader needs to state the guarantee of this run (JSON-serialisable)."""
-        trained = sum(p.numel() for _, p in trainable_parameters(self.modules))
-        return {
-            "epsilon": self.ledger.epsilon(), "delta": self.dp.delta, "accountant": self.dp.accountant,
-            "steps": self.ledger.steps, "noise_multiplier": self.dp.noise_multiplier,
-            "sample_rate": self.sample_rate, "expected_batch_size": self.sampler.expected_batch_size,
-            "dataset_size": self.sampler.num_samples, "clip_bound": self.dp.clip_bound,
-            "clip_mode": self.dp.clip_mode, "target_epsilon": self.dp.target_epsilon,
-            "stopped_at_target": self.stopped_at_target, "history": self.ledger.history,
-            "frozen_layers": list(self.freezer.frozen), "warm_start_steps": self.freezer.steps,
-            "trained_parameters": trained, "total_parameters": sum(p.numel() for p in self.modules.parameters()),
-        }
+        """Everything a reader needs to state the guarantee of this run (:func:`privasr.dp.report.privacy_summary`)."""
+        return privacy_summary(self.ledger, self.dp, self.sampler, self.modules, self.freezer, self.stopped_at_target)
 
     def report_privacy(self, epoch=None) -> dict:
         """Log ε (file logger, TensorBoard, console) and write the JSON results; returns them."""
         summary = self.privacy_summary()
-        if not sb.utils.distributed.if_main_process():
-            return summary
-        logger.info("epoch %s: epsilon = %.4g at delta = %g after %d DP steps", epoch, summary["epsilon"],
-                    self.dp.delta, summary["steps"])
-        train_logger = getattr(self.hparams, "train_logger", None)
-        if train_logger is not None:
-            train_logger.log_stats({"epoch": epoch, "dp_steps": summary["steps"]},
-                                   train_stats={"epsilon": summary["epsilon"]})
-        writer = self._tensorboard()
-        if writer is not None and math.isfinite(summary["epsilon"]):
-            writer.add_scalar("privacy/epsilon", summary["epsilon"], epoch or 0)
-            writer.flush()
-        path = self._output_path("privacy_file", "privacy.json")
-        if path is not None:
-            _write_json(path, summary)
+        if sb.utils.distributed.if_main_process():
+            report_privacy(summary, epoch, self._output_path("privacy_file", "privacy.json"),
+                           getattr(self.hparams, "train_logger", None), self._tensorboard())
         return summary
 
     def _output_path(self, key: str, default_name: str) -> Optional[str]:
@@ -592,7 +413,7 @@ class DPSGDBrain(PrivateBrain):
             if store is not None:
                 store.save_checkpoint(meta={"warm_start_steps": self.freezer.steps}, verbosity=logging.DEBUG)
         self.freezer.apply(self.modules)
-        self._clipper = None
+        self._dp_step = None
         self._announce_freezing()
         return list(self.freezer.frozen)
 
@@ -608,9 +429,11 @@ class DPSGDBrain(PrivateBrain):
             logger.info("no public warm-start (warm_start_epochs=%d, %d public examples)", epochs,
                         0 if public_set is None else len(public_set))
             return
-        self._wrap_distributed()  # the same starting point on every rank
+        # an ordinary data-parallel step: the mean gradient over the processes (no clipping, no noise);
+        # PerCoreClipping broadcasts rank 0's parameters first (the same starting point on every rank)
+        step = PerCoreClipping(self.modules, "none")
         opt_class = getattr(self.hparams, "warm_start_opt_class", None) or self.opt_class
-        optimizer = opt_class(self._params())
+        optimizer = opt_class(step.params)
         loader = self._warm_start_loader(public_set, loader_kwargs)
         show = (not self.noprogressbar if progressbar is None else progressbar) and sb.utils.distributed.if_main_process()
         self.modules.train()
@@ -619,7 +442,7 @@ class DPSGDBrain(PrivateBrain):
                 loader.sampler.set_epoch(epoch)
             for batch in tqdm(loader, desc=f"public warm-start {epoch}/{epochs}", disable=not show,
                               dynamic_ncols=True):
-                self._warm_start_step(batch, optimizer)
+                self._warm_start_step(batch, step, optimizer)
         logger.info("public warm-start: %d steps on %d public examples", self.freezer.steps, len(public_set))
 
     def _warm_start_loader(self, dataset, loader_kwargs: dict):
@@ -630,16 +453,16 @@ class DPSGDBrain(PrivateBrain):
                                                    shuffle=kwargs.pop("shuffle", False), seed=self.dp.sampling_seed)
         return sb.dataio.dataloader.make_dataloader(dataset, **kwargs)
 
-    def _warm_start_step(self, batch, optimizer) -> None:
-        """One non-private step: mean-loss gradient averaged over processes, scores, update."""
-        params = self._params()
+    def _warm_start_step(self, batch, step: PerCoreClipping, optimizer) -> None:
+        """One non-private step: the mean-loss gradient averaged over processes, LayerFreeze scores, update."""
         tensors = self.batch_to_tensors(batch)
         with self.training_ctx:
-            loss = self.shard_loss(*tensors)
-        grads = _dense(torch.autograd.grad(loss, params, allow_unused=True), params)
-        _, world = world_info()
-        for p, g in zip(params, all_reduce_sum(grads)):
-            p.grad = g / world
+            step.backward(self.shard_loss, *tensors)
+        if step.reduce().skipped:  # a NaN/Inf gradient on every process: no update, no score (logged)
+            return
+        for p in step.params:  # a parameter the loss does not use: a zero gradient, as before PerCoreClipping
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         self.freezer.accumulate(self.modules)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -665,24 +488,17 @@ class DPSGDBrain(PrivateBrain):
             self.freezer.save(path)
 
 
-def _write_json(path: str, data: dict) -> None:
-    """Atomic JSON write (a reader never sees half a file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
 
 def make_dp_brain(base: type) -> type:
     """The DP-SGD version of a recipe's Brain: ``class DP<Base>(DPSGDBrain, Base)``.
 
-    ``base`` must be a :class:`~privasr.brain.PrivateBrain` subclass (it provides
-    ``batch_to_tensors``/``shard_loss`` and the evaluation); DPSGDBrain replaces its
-    training step and training loader and adds accounting, warm-start and freezing.
+    ``base`` must be a :class:`~privasr.brain.PrivasrBrain` subclass, e.g. a recipe's
+    :class:`~privasr.brain.PrivateBrain` (it provides ``batch_to_tensors``/``shard_loss`` and the
+    evaluation); DPSGDBrain replaces its training step and training loader and adds accounting,
+    warm-start and freezing.
     """
-    if not (isinstance(base, type) and issubclass(base, PrivateBrain)):
-        raise ValueError(f"make_dp_brain needs a PrivateBrain subclass, got {base!r}")
+    if not (isinstance(base, type) and issubclass(base, PrivasrBrain)):
+        raise ValueError(f"make_dp_brain needs a PrivasrBrain subclass (e.g. a recipe's PrivateBrain), got {base!r}")
     if issubclass(base, DPSGDBrain):
         return base
     return type(f"DP{base.__name__}", (DPSGDBrain, base), {"__doc__": f"DP-SGD training of {base.__name__}."})

@@ -17,7 +17,8 @@ Three details matter for the guarantee and are enforced here:
   large.
 * The divisor is the **expected** batch size :math:`qN`, not the realised
   :math:`|B_t|` (which depends on the private data; dividing by it would leak).
-* Frozen parameters get **no** noise: their entries are ``None`` and stay ``None``.
+* Frozen parameters get **no** noise: they are not among the trained parameters the sums are
+  formed over (:class:`privasr.dp.step.DPSGDStep`), and an entry ``None`` stays ``None``.
 
 For a real private run seed the generator from the OS (``make_generator(None)``): the
 guarantee assumes the noise is unknown to the adversary. Fixed seeds are for tests and
@@ -26,10 +27,11 @@ reproducible debugging.
 from __future__ import annotations
 
 import secrets
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
 Grads = Sequence[Optional[torch.Tensor]]
 
@@ -38,6 +40,26 @@ def make_generator(seed: Optional[int] = None, device: str | torch.device = "cpu
     """A noise generator on ``device``; ``seed=None`` draws a secret seed from the OS."""
     seed = secrets.randbits(63) if seed is None else int(seed)
     return torch.Generator(device=device).manual_seed(seed)
+
+
+@register_checkpoint_hooks
+class NoiseSource:
+    """The DP noise generator, checkpointed so that a resumed run re-draws exactly the noise
+    of the steps it repeats (the same Poisson batches and the same noise: the same release).
+
+    ``seed=None`` draws a secret seed from the OS (what a real private run must use).
+    """
+
+    def __init__(self, seed: Optional[int] = None):
+        self.generator = make_generator(seed)
+
+    @mark_as_saver
+    def save(self, path) -> None:
+        torch.save(self.generator.get_state(), path)
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch: bool = False) -> None:
+        self.generator.set_state(torch.load(path))
 
 
 def _check_scale(noise_multiplier: float, max_norm: float) -> float:
@@ -59,21 +81,6 @@ def gaussian_noise(like: Grads, noise_multiplier: float, max_norm: float,
     r"""Fresh :math:`\mathcal{N}(0, \sigma^2 C^2)` tensors shaped like ``like`` (``None`` stays ``None``)."""
     std = _check_scale(noise_multiplier, max_norm)
     return [None if t is None else _gaussian_like(t, std, generator) for t in like]
-
-
-def add_noise(summed_grads: Grads, noise_multiplier: float, max_norm: float,
-              generator: Optional[torch.Generator] = None) -> List[Optional[torch.Tensor]]:
-    r"""Return :math:`\sum_i \bar g_i + \mathcal{N}(0, \sigma^2 C^2 I)` for each (non-frozen) tensor.
-
-    Args:
-        summed_grads: the clipped gradients summed over the *global* batch, one per
-            parameter; ``None`` marks a frozen parameter (no noise, stays ``None``).
-        noise_multiplier: :math:`\sigma \ge 0`.
-        max_norm: the clipping bound :math:`C > 0` (the per-example L2 sensitivity).
-        generator: source of the noise (see :func:`make_generator`).
-    """
-    noise = gaussian_noise(summed_grads, noise_multiplier, max_norm, generator)
-    return [None if g is None else g + n for g, n in zip(summed_grads, noise)]
 
 
 def noise_for_rank(rank: int, like: Grads, noise_multiplier: float, max_norm: float,
@@ -132,22 +139,3 @@ def privatize(local_sums: Grads, noise_multiplier: float, max_norm: float, expec
     noise = noise_for_rank(rank, local_sums, noise_multiplier, max_norm, generator)
     noisy = [None if g is None else g + z for g, z in zip(local_sums, noise)]
     return normalize(all_reduce_sum(noisy, group), expected_batch_size)
-
-
-def is_frozen(name: str, frozen: Iterable[str]) -> bool:
-    """Whether parameter ``name`` is ``f`` or lies under module prefix ``f`` for some ``f`` in ``frozen``."""
-    return any(name == f or name.startswith(f + ".") for f in frozen)
-
-
-def mask_frozen(named_parameters: Iterable[Tuple[str, torch.nn.Parameter]], grads: Grads,
-                frozen: Iterable[str] = ()) -> List[Optional[torch.Tensor]]:
-    """Replace by ``None`` the gradients of parameters that are frozen.
-
-    A parameter is frozen if ``requires_grad`` is False or its name (or a module prefix
-    of it, e.g. a layer name from :class:`privasr.freezing.LayerFreezer`) is in ``frozen``.
-    """
-    frozen = tuple(frozen)
-    named = list(named_parameters)
-    if len(named) != len(grads):
-        raise ValueError(f"need one gradient per parameter: {len(named)} parameters, {len(grads)} gradients")
-    return [None if (not p.requires_grad or is_frozen(n, frozen)) else g for (n, p), g in zip(named, grads)]

@@ -17,14 +17,22 @@ sorted global batch. The shards partition the global batch and differ in size by
 most one. An epoch is :math:`\mathrm{round}(1/q)` steps.
 
 Use it as a DataLoader ``batch_sampler``; do not wrap it in a DistributedSampler (it
-already shards), and make the collate function accept empty batches.
+already shards), and make the collate function accept empty batches: :func:`poisson_dataloader`
+does both (an empty local batch becomes an :class:`EmptyBatch`).
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterator, List, Optional
 
 import numpy as np
+import torch
 from torch.utils.data import Sampler
+
+logger = logging.getLogger(__name__)
+
+#: Loader options that Poisson sampling replaces (ignored for the private training set).
+BATCHING_OPTIONS = ("batch_size", "shuffle", "drop_last", "sampler", "batch_sampler")
 
 
 class PoissonBatchSampler(Sampler[List[int]]):
@@ -104,3 +112,43 @@ class PoissonBatchSampler(Sampler[List[int]]):
 
     def __len__(self) -> int:
         return self.steps
+
+
+class EmptyBatch:
+    """What the Poisson loader yields for a step whose local batch is empty (noise only)."""
+
+    def __len__(self) -> int:
+        return 0
+
+
+class PoissonCollate:
+    """Wraps a collate function so that an empty list of examples becomes an :class:`EmptyBatch`."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, examples):
+        return EmptyBatch() if len(examples) == 0 else self.collate(examples)
+
+
+def poisson_dataloader(dataset, sampler: PoissonBatchSampler, seed: int, **loader_kwargs):
+    """A checkpointable DataLoader over ``dataset`` whose batches are ``sampler``'s (this rank's share).
+
+    The batching options of ``loader_kwargs`` (:data:`BATCHING_OPTIONS`) are dropped, with one
+    log line: Poisson sampling replaces them. ``collate_fn`` defaults to SpeechBrain's
+    ``PaddedBatch`` for a ``DynamicItemDataset`` (torch's ``default_collate`` otherwise) and is
+    wrapped in :class:`PoissonCollate`; the workers' base seed comes from a generator seeded with
+    ``seed``, not from the global RNG (which a resume restores).
+    """
+    from speechbrain.dataio.batch import PaddedBatch
+    from speechbrain.dataio.dataloader import SaveableDataLoader
+    from speechbrain.dataio.dataset import DynamicItemDataset
+    from torch.utils.data.dataloader import default_collate
+
+    ignored = [k for k in BATCHING_OPTIONS if loader_kwargs.pop(k, None) is not None]
+    if ignored:
+        logger.info("Poisson sampling replaces the loader options %s of the private training set", ignored)
+    collate = loader_kwargs.pop("collate_fn", None) or (
+        PaddedBatch if isinstance(dataset, DynamicItemDataset) else default_collate)
+    loader_kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
+    return SaveableDataLoader(dataset, batch_sampler=sampler, collate_fn=PoissonCollate(collate), **loader_kwargs)
