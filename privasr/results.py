@@ -1,13 +1,15 @@
 """Stage 6 of the egs recipes: every run's transcripts into ``exp/RESULTS.md`` and plots.
 
 For each method and seed, ``<exp>/<method>/seed<s>/hyps/{test,dev,train_eval,canaries,holdout}.csv``
-(``ID,hyp,ref,score``, written by ``train.py --decode_only True``) give:
+(``ID,hyp,ref,score``, written by ``train.py --mode decode``) give:
 
 * Table 2 — WER on test and dev, mean ± std over seeds;
 * Table 5 — the generalization gap, WER(test) − WER(train subset);
 * Table 1 — canary exposure per insertion count, ranked by CER and by the model's loss,
   mean ± std over seeds of each seed's mean over its canaries (one seed: std over canaries;
   ``exposure_<metric>.json`` per run as well).
+
+This module builds the rows; :mod:`privasr.results_md` writes the markdown (the one RESULTS.md writer).
 
     python -m privasr.results --exp exp --canaries data/canaries/canaries.csv \\
         --holdout data/canaries/holdout.csv --methods "baseline pcc apcc" --seeds "1 2 3"
@@ -21,11 +23,10 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from privasr.exposure import markdown_table, plot_exposure, score_exposure, summarize_over_seeds
 from privasr.metrics import wer
 from privasr.provenance import ProvenanceError, check_references, check_transcripts, describe_run, read_fingerprint
+from privasr.results_md import ResultsMarkdown, mean_std, write_atomic
 
 EXPOSURE_METRICS = {"cer": "CER", "score": "loss"}
 DECODED_SETS = ("test", "dev", "train_eval", "canaries", "holdout")
@@ -75,13 +76,6 @@ def merge_hyps(run_dir: Path) -> None:
         writer.writerows(rows)
 
 
-def mean_std(values: list[float]) -> str:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return "–"
-    return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
-
-
 def exposure_spread_note(seeds: int) -> str:
     """The sentence under an exposure table saying what its ± is."""
     if seeds > 1:
@@ -121,34 +115,38 @@ def collect(exp: Path, canaries: Path, holdout: Path, methods: list[str], seeds:
 
 
 def write_results(exp: Path, results: dict) -> Path:
-    """RESULTS.md and the exposure plots; returns the RESULTS.md path."""
-    any_report = next(iter(results.values()))[0]["exposure"]["cer"]
-    holdout_size = any_report["holdout_size"]
-    lines = ["# Results", "", f"Methods: {', '.join(results)}; seeds: "
-             f"{', '.join(r['seed'] for r in next(iter(results.values())))}; holdout |R| = {holdout_size} "
-             f"(exposure ceiling log2|R| = {math.log2(holdout_size):.2f} bits, floor ≈ 1 bit).", ""]
-    lines += ["## Runs", "", "| method | settings (b: bound, B: per-core batch, C: cores) | seeds |", "|---|---|---|"]
-    for method, runs in results.items():
-        lines.append(f"| {method} | {run_settings(runs)} | {len(runs)} |")
-    lines += ["", "## WER (%) — Table 2", "", "| method | test | dev |", "|---|---|---|"]
-    for method, runs in results.items():
-        lines.append(f"| {method} | {mean_std([r['wer'].get('test') for r in runs])} | "
-                     f"{mean_std([r['wer'].get('dev') for r in runs])} |")
-    lines += ["", "## Generalization gap — Table 5", "", "| method | train subset WER | test WER | gap (test − train) |",
-              "|---|---|---|---|"]
-    for method, runs in results.items():
-        lines.append(f"| {method} | {mean_std([r['wer'].get('train_eval') for r in runs])} | "
-                     f"{mean_std([r['wer'].get('test') for r in runs])} | {mean_std([r['wer'].get('gap') for r in runs])} |")
+    """RESULTS.md (written by :class:`privasr.results_md.ResultsMarkdown`), results.json and the exposure
+    plots; returns the RESULTS.md path."""
+    first = next(iter(results.values()))
+    holdout_size = first[0]["exposure"]["cer"]["holdout_size"]
+    report = ResultsMarkdown("Results")
+    report.paragraph(f"Methods: {', '.join(results)}; seeds: {', '.join(r['seed'] for r in first)}; "
+                     f"holdout |R| = {holdout_size} (exposure ceiling log2|R| = {math.log2(holdout_size):.2f} bits, "
+                     "floor ≈ 1 bit).")
+    report.heading("Runs")
+    report.table(["method", "settings (b: bound, B: per-core batch, C: cores)", "seeds"],
+                 [[method, run_settings(runs), len(runs)] for method, runs in results.items()])
+
+    def wer_cell(runs, name):
+        return mean_std([r["wer"].get(name) for r in runs])
+
+    report.heading("WER (%) — Table 2")
+    report.table(["method", "test", "dev"],
+                 [[method, wer_cell(runs, "test"), wer_cell(runs, "dev")] for method, runs in results.items()])
+    report.heading("Generalization gap — Table 5")
+    report.table(["method", "train subset WER", "test WER", "gap (test − train)"],
+                 [[method, wer_cell(runs, "train_eval"), wer_cell(runs, "test"), wer_cell(runs, "gap")]
+                  for method, runs in results.items()])
     for metric, label in EXPOSURE_METRICS.items():
         pooled = {m: summarize_over_seeds([r["exposure"][metric] for r in runs]) for m, runs in results.items()}
         plot = exp / f"exposure_{metric}.png"
         plot_exposure(pooled, plot, max_exposure=math.log2(holdout_size), title=f"Canary exposure (ranked by {label})")
-        lines += ["", f"## Exposure ranked by {label} — Table 1", "",
-                  exposure_spread_note(len(next(iter(results.values())))), "", markdown_table(pooled).rstrip(), "",
-                  f"![exposure by {label}]({plot.name})"]
-    path = exp / "RESULTS.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (exp / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        report.heading(f"Exposure ranked by {label} — Table 1")
+        report.paragraph(exposure_spread_note(len(first)))
+        report.lines(markdown_table(pooled))
+        report.image(f"exposure by {label}", plot.name)
+    path = report.write(exp / "RESULTS.md")
+    write_atomic(exp / "results.json", json.dumps(results, indent=1, default=str))
     return path
 
 

@@ -1,6 +1,7 @@
 """The mitigation study: a grid of clipping configurations fine-tuned from one pre-trained model.
 
-``egs/mini_tts/run_study.sh`` drives it; this module plans the runs and scores them.
+``egs/mini_tts/run_study.sh`` drives it; this module plans the runs and scores them (its rows; the
+markdown is written by :mod:`privasr.results_md`, the one RESULTS.md writer).
 
     python -m privasr.study plan conf/study.yaml --quantiles exp_study/quantiles   # one run per line
     python -m privasr.study score conf/study.yaml --exp exp_study --canaries ... --holdout ...
@@ -28,7 +29,8 @@ from privasr.core_log import plot_core_logs, read_core_logs, summarize
 from privasr.exposure import (difference_over_seeds, markdown_table, plot_exposure, score_exposure,
                               summarize_over_seeds)
 from privasr.provenance import file_digest
-from privasr.results import collect, mean_std
+from privasr.results import collect
+from privasr.results_md import ResultsMarkdown, mean_std
 
 SPREAD_NOTE = ("Mean ± std over a configuration's seeds of each seed's mean exposure over its canaries; "
                "a configuration with one seed decoded shows the std over its canaries instead.")
@@ -115,49 +117,47 @@ def score(study: dict, exp: Path, canaries: Path, holdout: Path, quantiles_dir: 
         raise FileNotFoundError(f"no configuration of {exp} is decoded yet")
     results = {n: collect(exp, canaries, holdout, [n], decoded[n])[n] for n in done}
     holdout_size = results[done[0]][0]["exposure"]["cer"]["holdout_size"]
-    lines = ["# Mitigation study", "", f"Configurations decoded: {len(done)} of {len(names)} "
-             f"(seeds of the study: {', '.join(str(s) for s in study['seeds'])}; each row says how many it has); "
-             f"holdout |R| = {holdout_size} (ceiling {math.log2(holdout_size):.2f} bits).", "",
-             "| configuration | seeds decoded |", "|---|---|", *[f"| {n} | {', '.join(decoded[n])} |" for n in done], ""]
+    report = ResultsMarkdown("Mitigation study")
+    report.paragraph(f"Configurations decoded: {len(done)} of {len(names)} "
+                     f"(seeds of the study: {', '.join(str(s) for s in study['seeds'])}; each row says how many it "
+                     f"has); holdout |R| = {holdout_size} (ceiling {math.log2(holdout_size):.2f} bits).")
+    report.table(["configuration", "seeds decoded"], [[n, ", ".join(decoded[n])] for n in done])
     for metric, label in (("cer", "CER"), ("score", "loss")):
         pooled = {n: summarize_over_seeds([r["exposure"][metric] for r in results[n]]) for n in done}
-        lines += [f"## Exposure ranked by {label}", "", SPREAD_NOTE, "",
-                  markdown_table(pooled).rstrip(), ""]
-        lines += _paired_table(study, results, decoded, metric, label)
+        report.heading(f"Exposure ranked by {label}")
+        report.paragraph(SPREAD_NOTE)
+        report.lines(markdown_table(pooled))
+        _paired_table(report, study, results, decoded, metric, label)
         _plot_against(study, pooled, exp / f"exposure_vs_B_{metric}.png", "per_core", "per-core batch B", quantiles_dir)
         _plot_against(study, pooled, exp / f"exposure_vs_bound_{metric}.png", "bound", "clip bound b", quantiles_dir)
         plot_exposure(pooled, exp / f"exposure_{metric}.png", math.log2(holdout_size), f"Exposure by {label}")
     extrapolated = {n: _extrapolated_loss_exposure(exp, n, decoded[n], canaries, holdout) for n in done}
-    lines += ["## Exposure ranked by loss, extrapolated (skew-normal fit to the holdout losses; no log2|R| ceiling)",
-              "", markdown_table(extrapolated).rstrip(), ""]
-    lines += ["## WER (%) and generalization gap (mean ± std over seeds)", "",
-              "| configuration | B | bound | fine-tune epochs | test WER | dev WER | gap (test − train) |",
-              "|---|---|---|---|---|---|---|"]
+    report.heading("Exposure ranked by loss, extrapolated (skew-normal fit to the holdout losses; no log2|R| ceiling)")
+    report.lines(markdown_table(extrapolated))
+    report.heading("WER (%) and generalization gap (mean ± std over seeds)")
+    rows = []
     for n in done:
         cfg, runs = study["configs"][n], results[n]
         bound = resolve_bound(cfg, quantiles_dir)
-        lines.append(f"| {n} | {cfg.get('per_core')} | {'–' if bound is None else f'{bound:.3g}'} | "
-                     f"{finetune_epochs(study, n)} | "
-                     f"{mean_std([r['wer'].get('test') for r in runs])} | {mean_std([r['wer'].get('dev') for r in runs])} | "
-                     f"{mean_std([r['wer'].get('gap') for r in runs])} |")
+        rows.append([n, cfg.get("per_core"), "–" if bound is None else f"{bound:.3g}", finetune_epochs(study, n),
+                     *(mean_std([r["wer"].get(name) for r in runs]) for name in ("test", "dev", "gap"))])
+    report.table(["configuration", "B", "bound", "fine-tune epochs", "test WER", "dev WER", "gap (test − train)"], rows)
     clipped = {n: int(study["configs"][n]["per_core"]) for n in done if study["configs"][n]["clipping"] != "none"}
     r = canary_gradient_ratios(exp / "canary_gradients.json", canaries, pretrain_save)
-    lines += core_diagnostics(exp, {n: decoded[n] for n in done}, r, clipped)
-    if commands is not None and commands.is_file():
-        lines += ["", "## Commands that trained these runs (re-run any of them to resume or extend the grid)", "",
-                  "```", *commands.read_text().splitlines(), "```"]
-    lines += ["", "Plots: exposure_vs_B_*.png (a line per insertion count and bound quantile; the main grid only: the "
-              "configurations of the most common fine-tuning length without other overrides), exposure_vs_bound_*.png, "
-              "exposure_*.png, "
-              "core_stats.png (per-core norms and clip scales of cores with and without a canary)."]
-    path = exp / "RESULTS.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    core_diagnostics(report, exp, {n: decoded[n] for n in done}, r, clipped)
+    report.commands("Commands that trained these runs (re-run any of them to resume or extend the grid)", commands)
+    report.paragraph("Plots: exposure_vs_B_*.png (a line per insertion count and bound quantile; the main grid only: "
+                     "the configurations of the most common fine-tuning length without other overrides), "
+                     "exposure_vs_bound_*.png, exposure_*.png, "
+                     "core_stats.png (per-core norms and clip scales of cores with and without a canary).")
+    return report.write(exp / "RESULTS.md")
 
 
-def _paired_table(study: dict, results: dict, decoded: dict, metric: str, label: str) -> list[str]:
+def _paired_table(report: ResultsMarkdown, study: dict, results: dict, decoded: dict, metric: str,
+                  label: str) -> None:
     """Exposure change of each configuration from its reference, paired by seed (same seed = the same data
-    order, the training loader being reseeded from (seed, epoch), from the same pre-trained model)."""
+    order, the training loader being reseeded from (seed, epoch), from the same pre-trained model); nothing
+    when no configuration shares a seed with its reference."""
     rows = {}
     for name in results:
         ref = reference(study, name)
@@ -165,15 +165,13 @@ def _paired_table(study: dict, results: dict, decoded: dict, metric: str, label:
             by_seed = {n: {r["seed"]: r["exposure"][metric] for r in results[n]} for n in (name, ref)}
             rows[f"{name} − {ref}"] = difference_over_seeds(by_seed[name], by_seed[ref])
     if not rows:
-        return []
+        return
     counts = sorted({k for row in rows.values() for k in row})
-    lines = [f"### Change from the reference ({label}), paired by seed",
-             "", "Mean ± std over the seeds both have of the difference of per-seed means; (lower in m of n seeds).", "",
-             "| configuration − reference | " + " | ".join(f"×{k}" for k in counts) + " |", "|---" * (len(counts) + 1) + "|"]
-    for row_label, row in rows.items():
-        cells = [_difference_cell(row[k]) if k in row else "–" for k in counts]
-        lines.append(f"| {row_label} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    report.heading(f"Change from the reference ({label}), paired by seed", level=3)
+    report.paragraph("Mean ± std over the seeds both have of the difference of per-seed means; (lower in m of n seeds).")
+    report.table(["configuration − reference", *(f"×{k}" for k in counts)],
+                 [[row_label, *(_difference_cell(row[k]) if k in row else "–" for k in counts)]
+                  for row_label, row in rows.items()])
 
 
 def _difference_cell(entry: dict) -> str:
@@ -208,9 +206,10 @@ def canary_gradient_ratios(path: Path, canaries: Path, pretrain_save: Path | Non
     return ratios or None
 
 
-def core_diagnostics(exp: Path, decoded: dict[str, list[str]], r: dict[int, float] | None = None,
-                     per_core: dict[str, int] | None = None) -> list[str]:
-    """RESULTS.md lines comparing the clipping of cores with and without a canary; writes core_stats.png.
+def core_diagnostics(report: ResultsMarkdown, exp: Path, decoded: dict[str, list[str]],
+                     r: dict[int, float] | None = None, per_core: dict[str, int] | None = None) -> None:
+    """A section of ``report`` comparing the clipping of cores with and without a canary, and core_stats.png;
+    nothing when no run logged its cores.
 
     With ``r`` (per insertion count) and each clipped configuration's per-core batch, the table also
     gives the measured normal/canary clip-scale ratio beside the prediction √(r²+B−1)/√B.
@@ -221,17 +220,18 @@ def core_diagnostics(exp: Path, decoded: dict[str, list[str]], r: dict[int, floa
         logs[name] = {k: np.concatenate([log[k] for log in per_seed]) for k in ("norm", "scale", "label")}
     logs = {name: log for name, log in logs.items() if log["norm"].size}
     if not logs:
-        return []
+        return
     plot_core_logs(logs, exp / "core_stats.png")
     summaries = {name: summarize(log) for name, log in logs.items()}
     labels = sorted({label for summary in summaries.values() for label in summary})
-    lines = ["", "## Clipping of cores with and without a canary (median norm / median clip scale, all steps)", "",
-             "A core's label is the largest insertion count among its canaries. Clipping can only curb "
-             "memorization if canary cores get a clearly smaller scale than the others."]
+    report.heading("Clipping of cores with and without a canary (median norm / median clip scale, all steps)")
+    report.paragraph("A core's label is the largest insertion count among its canaries. Clipping can only curb "
+                     "memorization if canary cores get a clearly smaller scale than the others.")
     if r:
-        lines += ["", "r (a canary's median per-example gradient norm over a normal utterance's, on the pre-trained "
-                  "model, canary_gradients.json): " + ", ".join(f"x{c}: {v:.3g}" for c, v in sorted(r.items())) + "."]
-    return lines + ["", core_markdown_table(summaries, labels, r=r, per_core=per_core if r else None)]
+        report.paragraph("r (a canary's median per-example gradient norm over a normal utterance's, on the "
+                         "pre-trained model, canary_gradients.json): "
+                         + ", ".join(f"x{c}: {v:.3g}" for c, v in sorted(r.items())) + ".")
+    report.lines(core_markdown_table(summaries, labels, r=r, per_core=per_core if r else None))
 
 
 def _extrapolated_loss_exposure(exp: Path, name: str, seeds: list[str], canaries: Path, holdout: Path) -> dict:

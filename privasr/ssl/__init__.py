@@ -6,7 +6,7 @@
 * :mod:`privasr.ssl.pretrained` -- build, export and load the pre-trained encoder
   (``load_pretrained_encoder`` is what a fine-tuning YAML calls);
 * :mod:`privasr.ssl.results` -- ``RESULTS.md``: ε of the pre-training next to the WER of
-  the fine-tuned models.
+  the fine-tuned models (its rows; :mod:`privasr.results_md` writes every RESULTS.md).
 """
 from privasr.ssl.dataio import audio_dataset, read_audio_manifest, split_public_private
 from privasr.ssl.pretrained import build_encoder, export_encoder, load_pretrained_encoder

@@ -4,7 +4,8 @@ Reads the pre-training's ``privacy.json`` (written by :class:`privasr.dp.brain.D
 and, for every fine-tuned model, its ``hyps/dev.csv`` and ``hyps/test.csv`` (``ID,hyp,ref,score``,
 written by the ASR recipe's ``train.py``); WER is recomputed from them with
 :func:`privasr.metrics.wer`. A fine-tuning run named ``scratch`` (no pre-trained encoder)
-used no private data: its ε is reported as 0.
+used no private data: its ε is reported as 0. This module builds the rows; :mod:`privasr.results_md`
+writes the markdown (the one RESULTS.md writer).
 
 Usage::
 
@@ -21,6 +22,7 @@ from typing import Dict, Optional, Sequence
 
 from privasr.cli import CliParser, run_cli
 from privasr.metrics import wer
+from privasr.results_md import ResultsMarkdown
 
 __all__ = ["read_wer", "results_markdown", "write_results"]
 
@@ -43,7 +45,7 @@ def _privacy(pretrain: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _row(name: str, folder: Path, privacy: dict) -> str:
+def _row(name: str, folder: Path, privacy: dict) -> list[str]:
     hyps = {s: folder / "hyps" / f"{s}.csv" for s in ("dev", "test")}
     for path in hyps.values():
         if not path.is_file():
@@ -51,46 +53,43 @@ def _row(name: str, folder: Path, privacy: dict) -> str:
     scratch = name == SCRATCH
     pre = "none (random init)" if scratch else "BEST-RQ, DP-SGD"
     eps = "0" if scratch else f"{privacy['epsilon']:.3g}"
-    return (f"| {name} | {pre} | {eps} | {privacy['delta']:g} | "
-            f"{read_wer(hyps['dev']):.2f} | {read_wer(hyps['test']):.2f} |")
+    return [name, pre, eps, f"{privacy['delta']:g}", f"{read_wer(hyps['dev']):.2f}", f"{read_wer(hyps['test']):.2f}"]
 
 
-def results_markdown(pretrain: str | Path, finetuned: Dict[str, str | Path], title: Optional[str] = None) -> str:
-    """The RESULTS.md text for one DP pre-training and its fine-tuned models."""
+def _report(pretrain: str | Path, finetuned: Dict[str, str | Path], title: Optional[str] = None) -> ResultsMarkdown:
     if not finetuned:
         raise ValueError("give at least one fine-tuned model (NAME=DIR)")
     privacy = _privacy(Path(pretrain))
-    lines = [f"# {title or 'DP pre-training (BEST-RQ + DP-SGD), then CTC fine-tuning'}", "",
-             "| model | encoder pre-training | ε | δ | dev WER (%) | test WER (%) |", "|---|---|---|---|---|---|"]
-    lines += [_row(name, Path(folder), privacy) for name, folder in finetuned.items()]
+    report = ResultsMarkdown(title or "DP pre-training (BEST-RQ + DP-SGD), then CTC fine-tuning")
+    report.table(["model", "encoder pre-training", "ε", "δ", "dev WER (%)", "test WER (%)"],
+                 [_row(name, Path(folder), privacy) for name, folder in finetuned.items()])
     frozen = privacy["frozen_layers"]
-    lines += [
-        "",
+    report.paragraph(
         f"**Guarantee.** The encoder is ({privacy['epsilon']:.4g}, {privacy['delta']:g})-DP with respect to the "
         f"{privacy['dataset_size']} private pre-training utterances ({privacy['accountant'].upper()} accountant, "
-        "add/remove-one neighbours); the fine-tuning data is treated as public, as in the paper.",
-        "",
+        "add/remove-one neighbours); the fine-tuning data is treated as public, as in the paper.")
+    report.paragraph(
         f"**DP-SGD.** σ = {privacy['noise_multiplier']:g}, C = {privacy['clip_bound']:g} "
         f"({privacy['clip_mode']} clipping), q = {privacy['sample_rate']:.4g} (expected batch "
         f"{privacy['expected_batch_size']:g}), {privacy['steps']} steps"
         + (f", target ε = {privacy['target_epsilon']:g}" if privacy.get("target_epsilon") else "")
-        + (" (stopped at the target)" if privacy.get("stopped_at_target") else "") + ".",
-        "",
+        + (" (stopped at the target)" if privacy.get("stopped_at_target") else "") + ".")
+    report.paragraph(
         f"**Warm-start and LayerFreeze.** {privacy['warm_start_steps']} non-private steps on the public subset; "
         f"{len(frozen)} layer(s) frozen ({privacy['total_parameters'] - privacy['trained_parameters']:,} of "
-        f"{privacy['total_parameters']:,} parameters){': ' + ', '.join(frozen) if frozen else ''}.",
-        "",
-    ]
-    return "\n".join(lines)
+        f"{privacy['total_parameters']:,} parameters){': ' + ', '.join(frozen) if frozen else ''}.")
+    return report
+
+
+def results_markdown(pretrain: str | Path, finetuned: Dict[str, str | Path], title: Optional[str] = None) -> str:
+    """The RESULTS.md text for one DP pre-training and its fine-tuned models."""
+    return _report(pretrain, finetuned, title).text()
 
 
 def write_results(out: str | Path, pretrain: str | Path, finetuned: Dict[str, str | Path],
                   title: Optional[str] = None) -> Path:
-    """Write :func:`results_markdown` to ``out``; returns the path."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(results_markdown(pretrain, finetuned, title), encoding="utf-8")
-    return out
+    """Write :func:`results_markdown` to ``out`` (atomically, :mod:`privasr.results_md`); returns the path."""
+    return _report(pretrain, finetuned, title).write(out)
 
 
 def _named(items: Sequence[str]) -> Dict[str, str]:
