@@ -9,7 +9,8 @@ model_size=mini                   # encoder size, the same for pre-training and 
 pretrain_args=""                  # extra overrides for the pre-training, e.g. "--noise_multiplier 1.5"
 baseline=true                     # also fine-tune from scratch (same recipe, no pre-trained encoder)
 # Functions:
-#   stage_dp_pretrain                 stage 3: the pre-training recipe on --data -> $exp/pretrain (its encoder.ckpt)
+#   stage_dp_pretrain                 stage 3: the pre-training recipe on --data -> $exp/pretrain (its encoder.ckpt);
+#                                     a finished one is skipped only if made with these settings (train.py --check_only)
 #   stage_dp_finetune NAME ENCODER    stages 4, 5: CTC fine-tuning from ENCODER ("null": from scratch) -> $exp/NAME
 #   stage_dp_results                  stage 6: $exp/RESULTS.md, WER next to the encoder's (epsilon, delta)
 #   run_dp_stages CORPUS_ARGS         stages 0-6 (CORPUS_ARGS: a string of words for corpus_prepare)
@@ -17,12 +18,21 @@ baseline=true                     # also fine-tune from scratch (same recipe, no
 declare_stages 6 "0 corpus, 1 manifests, 2 tokenizer, 3 DP pre-training, 4 fine-tuning from the DP encoder, 5 fine-tuning from scratch (--baseline true), 6 results"
 
 stage_dp_pretrain() {
-  local dir=$exp/pretrain
-  if [ -f "$dir/.done" ]; then log "DP pre-training already done: $(tail -n 1 "$dir/train.log")"; return; fi
+  local dir=$exp/pretrain why
+  # shellcheck disable=SC2206  # --pretrain_args is a string of words
+  local args=(--data_folder "$data" --model_size "$model_size" $pretrain_args)
+  if [ -f "$dir/.done" ]; then
+    # Skip only the pre-training these settings would make: train.py --check_only compares the folder's
+    # fingerprint.json with them (nothing trained or written). Re-running train.py instead would re-export
+    # encoder.ckpt, whose digest the fine-tunings' fingerprints record. WORLD_SIZE: the training's processes.
+    WORLD_SIZE=$nproc "$python" "$PRIVASR_ROOT/$ssl_recipe/train.py" "$PRIVASR_ROOT/$ssl_recipe/$ssl_hparams" \
+      --output_folder "$dir" "${args[@]}" --check_only true > "$dir/check.log" 2>&1 \
+      || { why=$(error_line "$dir/check.log"); die "${why#*: error: }"; }
+    log "DP pre-training already done with these settings: $(tail -n 1 "$dir/train.log")"; return
+  fi
   mkdir -p "$dir"
   log "DP pre-training -> $dir (log: $dir/train.log; progress: tensorboard --logdir $dir/tensorboard)"
-  # shellcheck disable=SC2086  # --pretrain_args is a string of words
-  launch_recipe "$ssl_recipe" "$ssl_hparams" "$dir" --data_folder "$data" --model_size "$model_size" $pretrain_args \
+  launch_recipe "$ssl_recipe" "$ssl_hparams" "$dir" "${args[@]}" \
     >> "$dir/train.log" 2>&1 || die "DP pre-training failed: $(error_line "$dir/train.log") (log: $dir/train.log)"
   grep -A 100 "^LayerFreeze" "$dir/train.log" | grep -m 1 "layers frozen" | sed "s/^/    /" || true
   tail -n 1 "$dir/train.log" | sed "s/^/    /"

@@ -12,7 +12,15 @@
 
 Re-running the same command resumes (warm-start, DP steps and the privacy ledger).
 Any YAML key can be overridden on the command line.
+
+    python train.py hparams/bestrq_dp.yaml ... --check_only true
+
+only compares the run folder's ``fingerprint.json`` with these settings (what a stage asks before
+it skips a finished pre-training): one line ``... holds a run made with other settings (KEY: A
+there, B here)`` and exit status 2 when they differ, nothing trained, exported or written. The
+processes are torchrun's ``WORLD_SIZE`` (set it to the training's process count).
 """
+import os
 import sys
 
 import speechbrain as sb
@@ -21,14 +29,40 @@ from privasr.brain import check_run_options
 from privasr.cli import run_cli
 from privasr.cli.hparams import RECIPE_ERRORS, RESUME_HINT, load_hparams, parse_arguments, warnings_to_stdout
 from privasr.errors import UserError
-from privasr.provenance import claim_run_folder, record_run
+from privasr.provenance import FINGERPRINT_FILE, claim_run_folder, record_run
 from privasr.ssl import DPBestRQBrain, audio_dataset, read_audio_manifest, split_public_private
 
 
+def pop_check_only(argv):
+    """``(argv without --check_only VALUE, VALUE)``: the option is this script's, not a YAML key."""
+    argv, found = list(argv), []
+    for i, arg in reversed(list(enumerate(argv))):
+        if arg == "--check_only" or arg.startswith("--check_only="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            del argv[i:i + (1 if "=" in arg else 2)]
+            found.append(value)
+    if any(v not in ("true", "false") for v in found):
+        raise UserError(f"--check_only expects true or false, got {found[0]!r}")
+    return argv, bool(found) and found[0] == "true"
+
+
+def check_finished_run(hparams, run_opts) -> None:
+    """Refuse (one line naming the differing keys) a run folder made with other settings; write nothing."""
+    folder = hparams["output_folder"]
+    if not os.path.isfile(os.path.join(folder, FINGERPRINT_FILE)):
+        raise UserError(f"{folder} holds no recorded pre-training (no {FINGERPRINT_FILE}): its settings cannot be "
+                        f"checked; move it aside and pre-train again")
+    claim_run_folder(hparams, run_opts)  # ProvenanceError: another run's settings
+    print(f"{folder}: a pre-training with these settings")
+
+
 def main(argv):
+    argv, check_only = pop_check_only(argv)
     hparams_file, run_opts, overrides = parse_arguments(argv)  # unknown or mistyped options: one line, exit 2
     hparams = load_hparams(hparams_file, overrides)
     check_run_options(run_opts, hparams)  # SpeechBrain options privasr cannot honour: one line, exit 2
+    if check_only:  # the fingerprint comparison alone: no training, no export (encoder.ckpt keeps its digest)
+        return check_finished_run(hparams, run_opts)
     rate = hparams["sample_rate"]
     try:  # manifests and the DP configuration are checked before anything is written
         rows = read_audio_manifest(hparams["train_csv"], hparams["max_duration"], rate)
