@@ -319,7 +319,8 @@ class PrivasrBrain(sb.Brain):
       options on that update), the non-finite patience, the TensorBoard writer.
 
     A subclass defines the training step (``fit_batch``): :class:`PerCoreBrain` (per-core and
-    per-example clipping) and :class:`privasr.dp.DPSGDBrain` (DP-SGD).
+    per-example clipping) and :class:`privasr.dp.brain.DPSGDBrain` (DP-SGD, whose step is
+    :class:`privasr.dp.step.DPSGDStep`), siblings over this class.
     """
 
     def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
@@ -343,10 +344,12 @@ class PrivasrBrain(sb.Brain):
 
     # -- the two methods a recipe implements -------------------------------------------
     def batch_to_tensors(self, batch) -> tuple:
-        raise NotImplementedError("a PrivateBrain subclass must define batch_to_tensors(batch)")
+        raise NotImplementedError(f"{type(self).__name__} must define batch_to_tensors(batch) (the recipe contract of "
+                                  "PrivasrBrain: the batch's tensors, examples along dim 0)")
 
     def shard_loss(self, *tensors) -> torch.Tensor:
-        raise NotImplementedError("a PrivateBrain subclass must define shard_loss(*tensors)")
+        raise NotImplementedError(f"{type(self).__name__} must define shard_loss(*tensors) (the recipe contract of "
+                                  "PrivasrBrain: the scalar mean loss of a shard)")
 
     # -- distributed set-up: no DDP wrapper -------------------------------------------
     # A SpeechBrain private method: sb.Brain wraps the modules in DDP whenever a process group
@@ -492,7 +495,8 @@ class PerCoreBrain(PrivasrBrain):
         self.clip_config = ClippingConfig.from_hparams(self.hparams)
         if self.clip_config.core_grad_mode == "ghost" and type(self).fit_batch is not PerCoreBrain.fit_batch:
             # ghost lives in the per-core step (_accumulate_cores); a Brain with its own fit_batch
-            # (DPSGDBrain) would otherwise run another mode under the name 'ghost'
+            # would otherwise run another mode under the name 'ghost' (DPSGDBrain over a PerCoreBrain
+            # recipe, e.g. DPBestRQBrain, builds this part with loop and runs its own ghost)
             raise ValueError(f"core_grad_mode 'ghost' is implemented by PrivateBrain's per-core step; "
                              f"{type(self).__name__} trains with its own fit_batch, which does not use it: "
                              f"choose loop or vmap")
@@ -654,5 +658,5 @@ class PerCoreBrain(PrivasrBrain):
         writer.add_scalar("clipping/skipped_steps_total", self.counters.skipped_steps, step)
 
 
-#: The per-core Brain under the name recipes and subclasses (DPSGDBrain) use.
+#: The per-core Brain under the name recipes and checkpoints know.
 PrivateBrain = PerCoreBrain
