@@ -31,7 +31,8 @@
 #                                      RECIPE/train.py RECIPE/HPARAMS --output_folder OUTPUT_DIR ARGS..., under
 #                                      torchrun when --nproc > 1, with --distributed_backend gloo when that needs it
 #   launch_train OUTPUT_DIR ARGS...    launch_recipe of $recipe/$hparams on --data and its tokenizer, --train_args
-#   in_parallel FUNCTION < LINES       FUNCTION <the words of a line> per line, --jobs at a time
+#   in_parallel FUNCTION ARGS... < LINES
+#                                      FUNCTION ARGS... <the words of a line> per line, --jobs at a time
 #   stage_canaries CORPUS OUT ARGS...  canaries and holdout in OUT, inserted into CORPUS/train.csv
 #   stage_tokenizer DATA               the tokenizer of DATA/train.csv in DATA/tokenizer
 #   stage_train, stage_decode, stage_score   train / decode / score each of --methods x --seeds
@@ -232,15 +233,16 @@ train_command() {  # train_command METHOD SEED ARGS... : one run of the method c
   launch_train "$(run_dir "$method" "$seed")" "${args[@]}" "$@"
 }
 
-in_parallel() {  # in_parallel FUNCTION < LINES : FUNCTION <the words of a line> per line, $jobs at a time
+in_parallel() {  # in_parallel FUNCTION ARGS... < LINES : FUNCTION ARGS... <the words of a line> per line, $jobs at a time
   # FUNCTION runs on the left of `||` (set -e does not apply): it must check its own commands.
-  local fn=$1 line running=0 failed=0 cpus threads
+  local fn=$1 line running=0 failed=0 cpus threads; shift
+  local fixed=("$@")  # the arguments every call gets before its line's words
   cpus=$(command nproc)
   threads=$(( cpus / (jobs * nproc) ))  # each of the $jobs runs has $nproc processes
   [ "$threads" -ge 1 ] || threads=1
   while read -r line; do
     # shellcheck disable=SC2086  # a line is the function's arguments
-    if [ "$jobs" -gt 1 ]; then (export OMP_NUM_THREADS=$threads; "$fn" $line) & else "$fn" $line & fi
+    if [ "$jobs" -gt 1 ]; then (export OMP_NUM_THREADS=$threads; "$fn" "${fixed[@]}" $line) & else "$fn" "${fixed[@]}" $line & fi
     running=$((running + 1))
     if [ "$running" -ge "$jobs" ]; then wait -n || failed=1; running=$((running - 1)); fi
   done

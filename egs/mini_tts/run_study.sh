@@ -41,32 +41,49 @@ if [ "$quick" = true ]; then
 fi
 : "${corpus_args:=--num-train 3000 --num-dev 200 --num-test 200}" "${canary_args:=--per-count 10 --holdout 4000}"
 methods=baseline  # the stage library's method list is not used here
-# The study's own globals, set once here and read by its stage functions below:
-#   canaries          the canaries, holdout and training manifest with them ($data/canaries, a variant's own)
-#   runs              the fine-tuned runs and RESULTS.md ($exp, a variant's $exp/$variant)
-#   canary_overrides  train.py options pointing a variant's runs at its canaries (none without a variant)
-#   finetune_data     the corpus the canaries are inserted into ($data, or a variant's own ${data}_$variant)
-# (the pre-training, norm quantiles and r always use $data and $exp/pretrain)
-canaries=$data/canaries; runs=$exp; canary_overrides=(); finetune_data=$data
+# The folders of this invocation, passed to the stages below as arguments (the pre-training, norm quantiles
+# and r always use $data and $exp/pretrain):
+#   CANARIES  the canaries, holdout and training manifest with them ($data/canaries, a variant's own)
+#   RUNS      the fine-tuned runs and RESULTS.md ($exp, a variant's $exp/$variant)
+#   FINETUNE  the corpus the canaries are inserted into ($data, or a variant's own ${data}_$variant)
+canaries=$data/canaries; runs=$exp; finetune_data=$data
 [ -z "$variant_corpus_args" ] || [ -n "$variant" ] || die "--variant_corpus_args needs --variant NAME"
 if [ -n "$variant" ]; then
   [[ "$variant" =~ ^[A-Za-z0-9_-]+$ ]] || die "--variant takes a name of letters, digits, - and _, got '$variant'"
   canaries=$data/canaries_$variant; runs=$exp/$variant
-  canary_overrides=(--train_csv "$canaries/train_with_canaries.csv" --canaries_csv "$canaries/canaries.csv"
-                    --holdout_csv "$canaries/holdout.csv")
   [ -z "$variant_corpus_args" ] || finetune_data=${data%/}_$variant
 fi
 
 study_py() { $python -m privasr.study "$@"; }
 
-stage_corpus() {  # the corpus, and a variant's own fine-tuning corpus
+pretrained_overrides() {  # pretrained_overrides ARGS...: NUL-separated, the train.py overrides after `--` that
+  # point a measuring tool (privasr-norm-quantiles, privasr-canary-gradients) at the pre-trained model on $data:
+  # its folder and corpus, ARGS, then --train_args and the tokenizer options given
+  # shellcheck disable=SC2086  # --train_args is a string of words
+  printf '%s\0' --output_folder "$exp/pretrain" --data_folder "$data" --tokenizer_dir "$data/tokenizer" \
+    --train_csv "$data/train.csv" "$@" $train_args \
+    ${vocab_size:+--vocab_size "$vocab_size"} ${tokenizer_type:+--tokenizer_type "$tokenizer_type"}
+}
+
+launch_on_canaries() {  # launch_on_canaries CANARIES DIR ARGS...: launch_train DIR ARGS..., trained and decoded
+  # with the canaries in CANARIES (a variant's own: its manifests given; $data/canaries: the YAML's defaults)
+  local canaries=$1 dir=$2; shift 2
+  local on=()
+  [ "$canaries" = "$data/canaries" ] || on=(--train_csv "$canaries/train_with_canaries.csv"
+                                          --canaries_csv "$canaries/canaries.csv" --holdout_csv "$canaries/holdout.csv")
+  launch_train "$dir" "$@" "${on[@]}"
+}
+
+stage_corpus() {  # stage_corpus FINETUNE: the corpus, and a variant's own fine-tuning corpus FINETUNE
+  local finetune_data=$1
   # shellcheck disable=SC2086  # strings of words
   corpus_prepare "$data" $corpus_args
   # shellcheck disable=SC2086
   [ "$finetune_data" = "$data" ] || corpus_prepare "$finetune_data" $variant_corpus_args
 }
 
-stage_manifests() {
+stage_manifests() {  # stage_manifests FINETUNE
+  local finetune_data=$1
   corpus_manifests "$data"
   [ "$finetune_data" = "$data" ] || corpus_manifests "$finetune_data"
 }
@@ -84,33 +101,31 @@ stage_pretrain() {  # train.py finishes at once a finished pre-training, and ref
 
 stage_quantiles() {
   mkdir -p "$exp/quantiles"
-  local per_core reduction batches
+  local per_core reduction batches overrides
   batches=$(study_py get "$study" quantile_batches)
   study_py quantiles-needed "$study" | while read -r per_core reduction; do
     local out="$exp/quantiles/B${per_core}_${reduction}.json"
     [ -f "$out" ] && { log "norm quantiles B=$per_core ($reduction) already measured"; continue; }
-    # shellcheck disable=SC2086  # --train_args is a string of words
+    mapfile -d '' -t overrides < <(pretrained_overrides --loss_reduction "$reduction")
     privasr-norm-quantiles "$PRIVASR_ROOT/$recipe/$hparams" --per-core "$per_core" --batches "$batches" --json "$out" -- \
-      --output_folder "$exp/pretrain" --data_folder "$data" --tokenizer_dir "$data/tokenizer" \
-      --train_csv "$data/train.csv" --loss_reduction "$reduction" $train_args \
-      ${vocab_size:+--vocab_size "$vocab_size"} ${tokenizer_type:+--tokenizer_type "$tokenizer_type"} < /dev/null 2>> "$exp/quantiles.log" \
+      "${overrides[@]}" < /dev/null 2>> "$exp/quantiles.log" \
       | sed 's/^/    /' || die "measuring norm quantiles failed; see $exp/quantiles.log"
   done
 }
 
-stage_canary_gradients() {  # r, a canary's per-example gradient norm over a normal one's, on the pre-trained model
+stage_canary_gradients() {  # stage_canary_gradients CANARIES RUNS: r, a canary's per-example gradient norm over a
+  # normal one's, on the pre-trained model, for the canaries in CANARIES -> RUNS/canary_gradients.json
+  local canaries=$1 runs=$2 overrides
   local out="$runs/canary_gradients.json"
   mkdir -p "$runs"
   if study_py r-current "$out" --canaries "$canaries/canaries.csv" --pretrain "$exp/pretrain/save"; then
     log "canary gradient ratios r already measured ($out)"; return
   fi
-  # shellcheck disable=SC2046,SC2086  # the per-core values; --train_args is a string of words
+  mapfile -d '' -t overrides < <(pretrained_overrides)
+  # shellcheck disable=SC2046  # the per-core values
   privasr-canary-gradients "$PRIVASR_ROOT/$recipe/$hparams" --canaries "$canaries/canaries.csv" \
     --normal-csv "$data/train.csv" --normal "$(study_py get "$study" r_normal)" \
-    --per-core $(study_py per-core-values "$study") --json "$out" -- \
-    --output_folder "$exp/pretrain" --data_folder "$data" --tokenizer_dir "$data/tokenizer" \
-    --train_csv "$data/train.csv" $train_args \
-    ${vocab_size:+--vocab_size "$vocab_size"} ${tokenizer_type:+--tokenizer_type "$tokenizer_type"} < /dev/null \
+    --per-core $(study_py per-core-values "$study") --json "$out" -- "${overrides[@]}" < /dev/null \
     2>> "$exp/canary_gradients.log" | sed 's/^/    /' || die "measuring canary gradient ratios failed; see $exp/canary_gradients.log"
 }
 
@@ -122,8 +137,8 @@ planned_runs() {  # "name seed overrides..." of the selected configurations and 
   done
 }
 
-finetune_one() {  # finetune_one NAME SEED OVERRIDES...
-  local name=$1 seed=$2; shift 2
+finetune_one() {  # finetune_one CANARIES RUNS NAME SEED OVERRIDES...: RUNS/NAME/seedSEED on the canaries in CANARIES
+  local canaries=$1 runs=$2 name=$3 seed=$4; shift 4
   local dir="$runs/$name/seed$seed"
   mkdir -p "$dir"
   # Start from the pre-trained checkpoint: the epoch counter continues from it, so
@@ -137,50 +152,53 @@ finetune_one() {  # finetune_one NAME SEED OVERRIDES...
       && mv "$dir/.save.partial" "$dir/save"; } \
       || { log "FAILED: $name seed $seed: cannot copy the pre-trained checkpoint $exp/pretrain/save"; return 1; }
   fi
-  launch_train "$dir" --mode train --seed "$seed" "$@" "${canary_overrides[@]}" >> "$dir/train.log" 2>&1 \
+  launch_on_canaries "$canaries" "$dir" --mode train --seed "$seed" "$@" >> "$dir/train.log" 2>&1 \
     || { log "FAILED: $name seed $seed: $(error_line "$dir/train.log") (log: $dir/train.log)"; return 1; }
   touch "$dir/.trained"
   log "fine-tuned $name seed $seed"
 }
 
-stage_finetune() {
+stage_finetune() {  # stage_finetune CANARIES RUNS COMMAND: the planned runs in RUNS; COMMAND into RUNS/commands.txt
+  local canaries=$1 runs=$2 command=$3
   [ -f "$exp/pretrain/.trained" ] || die "no pre-trained model in $exp/pretrain: run stage 4 first"
   # RESULTS.md lists the commands that trained its runs
   mkdir -p "$runs"
-  grep -qxF -- "$invocation" "$runs/commands.txt" 2>/dev/null || echo "$invocation" >> "$runs/commands.txt"
-  in_parallel finetune_one < <(planned_runs) || die "some fine-tuning runs failed (see the FAILED lines)"
+  grep -qxF -- "$command" "$runs/commands.txt" 2>/dev/null || echo "$command" >> "$runs/commands.txt"
+  in_parallel finetune_one "$canaries" "$runs" < <(planned_runs) || die "some fine-tuning runs failed (see the FAILED lines)"
 }
 
-decode_config() {  # decode_config NAME SEED OVERRIDES...
-  local name=$1 seed=$2; shift 2
+decode_config() {  # decode_config CANARIES RUNS NAME SEED OVERRIDES...
+  local canaries=$1 runs=$2 name=$3 seed=$4; shift 4
   local dir="$runs/$name/seed$seed"
   # train.py decodes unless hyps/provenance.json says this checkpoint and these manifests already were
-  launch_train "$dir" --mode decode --decode_checkpoint last --seed "$seed" "$@" "${canary_overrides[@]}" \
+  launch_on_canaries "$canaries" "$dir" --mode decode --decode_checkpoint last --seed "$seed" "$@" \
     >> "$dir/decode.log" 2>&1 \
     || { log "FAILED: decoding $name seed $seed: $(error_line "$dir/decode.log") (log: $dir/decode.log)"; return 1; }
 }
 
-stage_decode_grid() {
-  in_parallel decode_config < <(planned_runs) || die "some decoding runs failed (see the FAILED lines)"
+stage_decode_grid() {  # stage_decode_grid CANARIES RUNS
+  in_parallel decode_config "$1" "$2" < <(planned_runs) || die "some decoding runs failed (see the FAILED lines)"
 }
 
-stage_measure() { stage_quantiles; stage_canary_gradients; }
+stage_measure() { stage_quantiles; stage_canary_gradients "$1" "$2"; }  # stage_measure CANARIES RUNS
 
-stage_score_study() {
+stage_score_study() {  # stage_score_study CANARIES RUNS: RUNS/RESULTS.md
+  local canaries=$1 runs=$2
   study_py score "$study" --exp "$runs" --commands "$runs/commands.txt" --canaries "$canaries/canaries.csv" \
     --holdout "$canaries/holdout.csv" --quantiles "$exp/quantiles" --pretrain "$exp/pretrain/save"
 }
 
-run_stage 0 "corpus" stage_corpus
-run_stage 1 "manifests" stage_manifests
+run_stage 0 "corpus" stage_corpus "$finetune_data"
+run_stage 1 "manifests" stage_manifests "$finetune_data"
 # shellcheck disable=SC2086  # a string of words
 run_stage 2 "canaries ($canary_args) in $finetune_data/train.csv -> $canaries" \
   stage_canaries "$finetune_data" "$canaries" $canary_args
 run_stage 3 "tokenizer" stage_tokenizer "$data"
 run_stage 4 "pre-train without canaries" stage_pretrain
-run_stage 5 "per-core norm quantiles and canary gradient ratios r of the pre-trained model" stage_measure
-run_stage 6 "fine-tune the grid with canaries ($jobs at a time) -> $runs" stage_finetune
-run_stage 7 "decode" stage_decode_grid
-run_stage 8 "score -> $runs/RESULTS.md" stage_score_study
+run_stage 5 "per-core norm quantiles and canary gradient ratios r of the pre-trained model" \
+  stage_measure "$canaries" "$runs"
+run_stage 6 "fine-tune the grid with canaries ($jobs at a time) -> $runs" stage_finetune "$canaries" "$runs" "$invocation"
+run_stage 7 "decode" stage_decode_grid "$canaries" "$runs"
+run_stage 8 "score -> $runs/RESULTS.md" stage_score_study "$canaries" "$runs"
 # shellcheck disable=SC2119  # no NOTE
 stages_done
