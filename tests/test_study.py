@@ -41,9 +41,15 @@ def test_a_configuration_with_a_bad_fine_tuning_length_is_refused(tmp_path):
         load_study(bad)
 
 
+# A smaller corpus than --quick's own (120 / 20 / 20): every stage, configuration and check is the same, with
+# 5 training steps an epoch instead of 15 (the runs' cost is mostly their steps and process start-up).
+CORPUS = "--num-train 40 --num-dev 10 --num-test 10"
+VARIANT_CORPUS = "--num-train 60 --num-dev 10 --num-test 10"  # the same seed: its first 40 utterances are CORPUS's
+
+
 def test_quick_study_end_to_end(tmp_path):
     cmd = ["bash", os.path.join(ROOT, "egs", "mini_tts", "run_study.sh"), "--quick", "true", "--jobs", "2",
-           "--data", str(tmp_path / "data"), "--exp", str(tmp_path / "exp")]
+           "--data", str(tmp_path / "data"), "--exp", str(tmp_path / "exp"), "--corpus_args", CORPUS]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (tmp_path / "exp" / "RESULTS.md").read_text()
@@ -72,8 +78,8 @@ def test_quick_study_end_to_end(tmp_path):
     # a canary variant (rarity): its own larger corpus, canaries and results; the same pre-training and quantiles
     pretrain_ckpts = sorted(os.listdir(tmp_path / "exp" / "pretrain" / "save"))
     variant = subprocess.run(cmd + ["--variant", "rare", "--canary_args", "--per-count 1 --counts 1 4 --holdout 20",
-                                    "--variant_corpus_args", "--num-train 150 --num-dev 20 --num-test 20",
-                                    "--configs", "baseline"], capture_output=True, text=True, timeout=600)
+                                    "--variant_corpus_args", VARIANT_CORPUS, "--configs", "baseline"],
+                             capture_output=True, text=True, timeout=600)
     assert variant.returncode == 0, variant.stdout[-3000:] + variant.stderr[-3000:]
     assert "pre-training already done" in variant.stdout
     assert json.loads((tmp_path / "exp" / "rare" / "canary_gradients.json").read_text())["canaries"]["n"] == 2
@@ -83,18 +89,25 @@ def test_quick_study_end_to_end(tmp_path):
     canaries = (tmp_path / "data" / "canaries_rare" / "canaries.csv").read_text().splitlines()
     assert len(canaries) == 1 + 2  # one canary per count, counts 1 and 4
     inserted = (tmp_path / "data" / "canaries_rare" / "train_with_canaries.csv").read_text()
-    # inserted into the variant's 150-utterance corpus, whose first 120 utterances are the pre-training's
+    # inserted into the variant's 60-utterance corpus, whose first 40 utterances are the pre-training's
     def texts(path):  # ID, speaker and words of each utterance (the WAV paths differ)
         return [(row[0], row[-2], row[-1]) for row in (line.split(",") for line in path.read_text().splitlines())]
     base, larger = texts(tmp_path / "data" / "train.csv"), texts(tmp_path / "data_rare" / "train.csv")
-    assert len(larger) == 1 + 150 and larger[:len(base)] == base
-    assert len(inserted.splitlines()) == 1 + 150 + 1 * 1 + 1 * 4
+    assert len(base) == 1 + 40 and len(larger) == 1 + 60 and larger[:len(base)] == base
+    assert len(inserted.splitlines()) == 1 + 60 + 1 * 1 + 1 * 4
     assert all(inserted.count(line.split(",")[0] + "_r") == int(line.rsplit(",", 1)[1]) for line in canaries[1:])
-    # the variant re-run with other canaries refuses its runs trained on the old ones, instead of reusing them
-    other = subprocess.run(cmd + ["--variant", "rare", "--canary_args", "--per-count 1 --counts 1 2 --holdout 20",
-                                  "--variant_corpus_args", "--num-train 150 --num-dev 20 --num-test 20",
-                                  "--configs", "baseline"], capture_output=True, text=True, timeout=600)
-    assert other.returncode != 0 and "holds a run made with other settings (data.canaries_csv: " in other.stdout
+    # the variant re-run with other canaries refuses its runs trained on the old ones, instead of reusing them:
+    # stage 2 remakes the canaries, stage 6 refuses (stages 3-5, between them, were checked above: the tokenizer
+    # and the pre-training are kept, r is measured for the variant's canaries)
+    other = cmd + ["--variant", "rare", "--canary_args", "--per-count 1 --counts 1 2 --holdout 20",
+                   "--variant_corpus_args", VARIANT_CORPUS, "--configs", "baseline"]
+    remade = subprocess.run(other + ["--stop_stage", "2"], capture_output=True, text=True, timeout=600)
+    assert remade.returncode == 0, remade.stdout[-3000:] + remade.stderr[-3000:]
+    remade_counts = [int(line.rsplit(",", 1)[1]) for line in
+                     (tmp_path / "data" / "canaries_rare" / "canaries.csv").read_text().splitlines()[1:]]
+    assert sorted(remade_counts) == [1, 2]
+    refused = subprocess.run(other + ["--stage", "6"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "holds a run made with other settings (data.canaries_csv: " in refused.stdout
 
 
 def test_r_of_other_canaries_is_refused(tmp_path):
