@@ -8,10 +8,17 @@ import torch.multiprocessing as mp
 from privasr.distributed import ordered_shutdown
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(held=None) -> int:
+    """A free TCP port; with ``held`` (a contextlib.ExitStack) its socket stays bound until the stack closes,
+    so that ports chosen one after another are distinct."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    if held is None:
+        s.close()
+    else:
+        held.callback(s.close)
+    return port
 
 
 def _entry(rank, world_size, port, fn, args):

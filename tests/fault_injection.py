@@ -69,12 +69,23 @@ def nan_argv(step: int, cores: str = "0", rank: int = 0, onwards: bool = False) 
     return ["--nan-from-step" if onwards else "--nan-step", str(step), "--nan-cores", cores, "--nan-rank", str(rank)]
 
 
+def python_env(extra: Optional[dict] = None) -> dict:
+    """The environment of the tests' subprocesses: privasr importable, one thread, no debug mode."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(extra or {})}
+    env.pop("PRIVASR_DEBUG", None)
+    return env
+
+
 def run_python(*args, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
     """``python ARGS`` (``-m torch.distributed.run ...`` included) from the repository root, text output."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}
-    env.pop("PRIVASR_DEBUG", None)
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=python_env(kwargs.pop("env", {})),
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def start_python(*args) -> subprocess.Popen:
+    """:func:`run_python` without waiting: the process, its text output in pipes (``communicate()`` it)."""
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=python_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def quick_corpus(base: Path) -> Path:

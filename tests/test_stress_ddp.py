@@ -3,10 +3,11 @@
 A finished rank waits at the barrier for a slow one (rank 0 decoding alone), a failed rank does
 not wait and its peer does not hang, the group is destroyed on every path (``run_cli`` included),
 and real 2-process torchrun trainings through ``run_cli`` end with status 0 and no abort at
-teardown, three times in a row (``tools/stress_ddp.sh`` repeats the whole recipe for longer).
+teardown, three of them side by side (``tools/stress_ddp.sh`` repeats the whole recipe for longer).
 
 Run by torchrun, this module is that training: ``torchrun --nproc_per_node 2 -m tests.test_stress_ddp OUT``.
 """
+import contextlib
 import sys
 import time
 from datetime import timedelta
@@ -22,7 +23,7 @@ from privasr.errors import NonFiniteGradientsError, UserError
 from privasr.per_sample import shard_grads_loop
 
 from .ddp_utils import free_port, run_processes
-from .fault_injection import run_python
+from .fault_injection import start_python
 from .toy import mse_loss_fn, toy_batch, toy_model
 
 SLOW = 2.0  # seconds rank 0 works alone before it reaches the end
@@ -120,15 +121,25 @@ def _tiny_training(argv):
 
 
 def test_three_real_two_process_trainings_end_cleanly(tmp_path):
-    """torchrun, 2 gloo processes, run_cli as in the recipes: status 0, no abort at teardown."""
-    for attempt in range(3):
-        out = tmp_path / f"params{attempt}.pt"
-        proc = run_python("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-                          "-m", "tests.test_stress_ddp", out)
-        assert proc.returncode == 0, (attempt, proc.stderr[-3000:])
-        assert "terminate called" not in proc.stderr and "SIGABRT" not in proc.stderr, proc.stderr[-3000:]
-        params = torch.load(out)
-        assert torch.equal(params[0], params[1])  # both ranks took the same three steps
+    """torchrun, 2 gloo processes, run_cli as in the recipes: status 0, no abort at teardown; three trainings, side
+    by side (each its own torchrun and port: three independent teardowns, in the time of about two)."""
+    with contextlib.ExitStack() as held:  # three distinct free ports: each held until all three are chosen
+        ports = [free_port(held) for _ in range(3)]
+    runs = [start_python("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                         "-m", "tests.test_stress_ddp", tmp_path / f"params{attempt}.pt")
+            for attempt, port in enumerate(ports)]
+    try:
+        for attempt, proc in enumerate(runs):
+            _, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, (attempt, stderr[-3000:])
+            assert "terminate called" not in stderr and "SIGABRT" not in stderr, stderr[-3000:]
+            params = torch.load(tmp_path / f"params{attempt}.pt")
+            assert torch.equal(params[0], params[1])  # both ranks took the same three steps
+    finally:  # a failed or hung run leaves no torchrun behind
+        for proc in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 if __name__ == "__main__":
