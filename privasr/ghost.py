@@ -53,10 +53,21 @@ needs a gradient, one fed to a known operation whose input has no single axis of
 (e.g. ``T == N`` for a time-first input), and a trainable parameter never seen at all. On privasr's
 Conformer-CTC nothing falls back (``tests/test_ghost.py``).
 
+*When* (memory): every recorded output passes through an identity :class:`_Tap` whose backward
+hands ``g`` to the recorder the moment the backward reaches that layer, so each layer's norm is
+formed then and its ``g`` freed, never all layers' at once. What is kept until the clipped sum is
+what the clipped sum needs, per layer: the per-unit gradients of materialized layers (LayerNorm,
+biases, the depthwise and front-end convolutions), and ``a`` with ``g`` of ghost-form layers (their
+weighted sum is one product, :math:`\sum_i f_i g_i^\top a_i`, of the size of an ordinary weight
+gradient). ``route="backward"`` keeps nothing: norms only, then a second backward.
+Convolutions' per-example gradients come from torch's own weight-gradient kernel with the batch
+folded into the groups (no ``im2col`` columns held); ``im2col`` is formed, one layer at a time,
+only for a ghost-form convolution with a kernel wider than 1.
+
 The clipped sum :math:`\sum_i f_i \nabla \ell_i` (factors from
-:func:`privasr.clipping.clip_factors`) is formed by book-keeping from the same ``a`` and ``g``
-(output gradients scaled by :math:`f_i`: one backward in all), or, ``route="backward"``, by a
-second backward of :math:`\sum_i f_i \ell_i`. Non-finite examples are dropped as
+:func:`privasr.clipping.clip_factors`) is formed by book-keeping from the kept pieces (output
+gradients scaled by :math:`f_i`: one backward in all), or, ``route="backward"``, by a second
+backward of :math:`\sum_i f_i \ell_i` (memory of a plain step, the time of one more backward). Non-finite examples are dropped as
 :func:`~privasr.clipping.clip_factors` says: their rows are replaced by zeros (``torch.where``, never
 ``0 * NaN``).
 
@@ -74,6 +85,8 @@ not of vmap's (``randomness="different"``) draws.
 from __future__ import annotations
 
 import logging
+import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -95,7 +108,7 @@ _CONV = {torch.conv1d: 1, torch.conv2d: 2, F.conv1d: 1, F.conv2d: 2}
 _LAYER_NORM = {F.layer_norm}
 _ALIASING = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
 _ADD = {torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.add}
-_SHARED_VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.permute, torch.permute}
+_SHARED_VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.permute, torch.reshape, torch.permute}
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 _noted: set = set()  # fallback sets already logged (one note per set, not one per step)
 
@@ -104,45 +117,154 @@ _noted: set = set()  # fallback sets already logged (one note per set, not one p
 class _Seq:
     """A weight gradient of the form ``sum_t g[i,k,t]^T a[i,k,t]`` per group ``k``.
 
-    ``a``: ``[N, G, L, d_in]``, ``g``: ``[N, G, L, d_out]``; the parameter is ``[G*d_out, d_in]``
-    (reshaped to its own shape), which is how Linear (``G = 1``) and grouped convolutions lay out
-    their weights. In the materialized form the per-unit gradients are formed once and serve both
-    the norms and the clipped sum.
+    ``a``: ``[N, G, L, d_in]``, ``g``: ``[N, G, L, d_out]`` (views of the recorded tensors where the
+    layout allows: no copy); the parameter is ``[G*d_out, d_in]`` (reshaped to its own shape), which
+    is how Linear (``G = 1``) and grouped convolutions lay out their weights. In the materialized
+    form the per-unit gradients are formed once and serve both the norms and the clipped sum; then
+    :meth:`compact` lets ``a`` and ``g`` go.
     """
 
     def __init__(self, a: torch.Tensor, g: torch.Tensor):
         self.a, self.g = a, g
+        self.units, self.groups, self.length, self.d_in = a.shape
+        self.d_out = g.shape[3]
         self._grads: Optional[torch.Tensor] = None
 
     def layout(self) -> tuple:
-        return self.a.shape[1], self.a.shape[3], self.g.shape[3]
+        return self.groups, self.d_in, self.d_out
 
     @property
     def ghost(self) -> bool:
         """Whether the ghost form is the cheaper one: ``d_in d_out >= L^2`` (mixed ghost clipping)."""
-        _, d_in, d_out = self.layout()
-        return d_in * d_out >= self.a.shape[2] ** 2
+        return self.d_in * self.d_out >= self.length ** 2
 
     def materialize(self) -> torch.Tensor:
-        """Per-unit gradients ``[N, G*d_out*d_in]``."""
+        """Per-unit gradients ``[K, G*d_out*d_in]``."""
         if self._grads is None:
-            self._grads = torch.einsum("ngli,nglo->ngoi", self.a, self.g).reshape(self.a.shape[0], -1)
+            self._grads = torch.einsum("ngli,nglo->ngoi", self.a, self.g).reshape(self.units, -1)
         return self._grads
 
     def sq_norms(self) -> torch.Tensor:
-        """``[N]`` squared norms: ghost form when :attr:`ghost`, else materialized."""
+        """``[K]`` squared norms: ghost form when :attr:`ghost`, else materialized."""
         if not self.ghost:
             return core_norms([self.materialize()]).pow(2)
-        gram_a = self.a @ self.a.transpose(-1, -2)  # [N, G, L, L]
+        gram_a = self.a @ self.a.transpose(-1, -2)  # [K, G, L, L]
         gram_g = self.g @ self.g.transpose(-1, -2)
         return (gram_a * gram_g).sum((1, 2, 3))
 
+    def compact(self) -> "_Seq":
+        """Keep only what the clipped sum needs: the per-unit gradients, or ``a`` and ``g`` (ghost form)."""
+        if not self.ghost:
+            self.materialize()
+            self.a = self.g = None
+        return self
+
+    def output_grads(self) -> list:
+        return [] if self.g is None else [self.g]
+
     def weighted_sum(self, weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``sum_{i kept} w_i grad_i`` (flat): book-keeping, output gradients scaled by ``w``."""
+        """``sum_{k kept} w_k grad_k`` (flat): book-keeping, output gradients scaled by ``w``."""
         if self._grads is not None:
             return weights.to(self._grads.dtype) @ _keep_rows(self._grads, keep)
         g = _keep_rows(self.g, keep) * weights.to(self.g.dtype).view(-1, 1, 1, 1)
         return torch.einsum("ngli,nglo->goi", _keep_rows(self.a, keep), g).reshape(-1)
+
+
+class _Conv:
+    r"""A convolution's per-unit weight gradient from its input ``x [N, C_in, *S]`` and output gradient ``g``.
+
+    Materialized (``d_in d_out < L^2``; ``d_in = (C_in/G) \prod k``, ``d_out = C_out/G``, ``L`` the
+    output positions): torch's weight-gradient kernel (``convolution_backward``) with the units
+    folded into the groups, ``[B, K C_in, *S]`` and ``[B, K C_out, *L]`` in ``K G`` groups, gives
+    every unit's gradient at once and forms no ``im2col`` columns. Ghost form: the Gram matrices of
+    the ``im2col`` columns (formed here, one layer at a time) and of ``g``; the clipped sum is then
+    the same kernel on the whole batch with ``g`` scaled by each unit's factor.
+    ``x`` is already zero-padded where the padding is not symmetric; ``padding`` is per dimension.
+    """
+
+    def __init__(self, x: torch.Tensor, g: torch.Tensor, units: int, weight_shape: tuple, stride: tuple,
+                 padding: tuple, dilation: tuple, groups: int):
+        self.x, self.g, self.units = x, g, units
+        self.weight_shape, self.stride, self.padding, self.dilation, self.groups = (
+            tuple(weight_shape), stride, padding, dilation, groups)
+        self.length = math.prod(g.shape[2:])
+        self.d_in = weight_shape[1] * math.prod(weight_shape[2:])
+        self.d_out = weight_shape[0] // groups
+        self._grads: Optional[torch.Tensor] = None
+
+    def layout(self) -> tuple:
+        return ("conv",) + self.weight_shape + (self.stride, self.padding, self.dilation, self.groups)
+
+    ghost = _Seq.ghost
+
+    def _weight_grad(self, x: torch.Tensor, g: torch.Tensor, copies: int) -> torch.Tensor:
+        """``convolution_backward``'s weight gradient for ``copies`` stacked weights (groups ``copies * G``)."""
+        shape = (copies * self.weight_shape[0],) + self.weight_shape[1:]
+        weight = g.new_empty(1).expand(shape)  # only its shape is read
+        dims = len(self.stride)
+        return torch.ops.aten.convolution_backward(
+            g, x, weight, None, list(self.stride), list(self.padding), list(self.dilation), False, [0] * dims,
+            copies * self.groups, (False, True, False))[1]
+
+    def materialize(self) -> torch.Tensor:
+        """Per-unit gradients ``[K, numel]``: unit ``k``'s examples are the batch of copy ``k`` of the weight.
+
+        A few units per call (:data:`CONV_CHUNK_BYTES` of input and output gradient), written into
+        one buffer: the kernel's workspace grows with the units per call, its speed hardly does.
+        """
+        if self._grads is None:
+            per = self.x.shape[0] // self.units
+            unit_bytes = (self.x[:per].numel() + self.g[:per].numel()) * self.x.element_size()
+            step = max(1, min(self.units, CONV_CHUNK_BYTES // max(unit_bytes, 1)))
+            for first in range(0, self.units, step):
+                count = min(step, self.units - first)
+                rows = slice(first * per, (first + count) * per)
+                part = self._weight_grad(_fold(self.x[rows], count), _fold(self.g[rows], count), count)
+                if count == self.units:
+                    self._grads = part.reshape(count, -1)
+                    break
+                if self._grads is None:
+                    self._grads = part.new_empty(self.units, part.numel() // count)
+                self._grads[first:first + count] = part.reshape(count, -1)
+        return self._grads
+
+    def sq_norms(self) -> torch.Tensor:
+        if not self.ghost:
+            return core_norms([self.materialize()]).pow(2)
+        n, channels_out = self.g.shape[:2]
+        kernel = self.weight_shape[2:]
+        cols = _im2col(self.x, kernel, self.stride, self.dilation, self.padding)  # [N, C_in*prod(k), L]
+        cols = cols.reshape(n, self.groups, -1, cols.shape[-1]).transpose(2, 3)
+        g = self.g.reshape(n, self.groups, channels_out // self.groups, -1).transpose(2, 3)
+        return _Seq(_to_units(cols, self.units, True), _to_units(g, self.units, True)).sq_norms()
+
+    def compact(self) -> "_Conv":
+        if not self.ghost:
+            self.materialize()
+            self.x = self.g = None
+        return self
+
+    output_grads = _Seq.output_grads
+
+    def weighted_sum(self, weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        if self._grads is not None:
+            return weights.to(self._grads.dtype) @ _keep_rows(self._grads, keep)
+        per = self.x.shape[0] // self.units
+        weights, keep = weights.repeat_interleave(per), keep.repeat_interleave(per)  # per example
+        g = _keep_rows(self.g, keep) * weights.to(self.g.dtype).view(-1, *([1] * (self.g.dim() - 1)))
+        return self._weight_grad(_keep_rows(self.x, keep), g, 1).reshape(-1)
+
+
+_PIECES = (_Seq, _Conv)
+
+#: Input plus output-gradient bytes of the units in one call of :meth:`_Conv.materialize`.
+CONV_CHUNK_BYTES = 4 * 2 ** 20
+
+
+def _fold(t: torch.Tensor, units: int) -> torch.Tensor:
+    """``[K*per, C, *S] -> [per, K*C, *S]``: unit ``k``'s examples meet copy ``k`` of the weight (a view if per == 1)."""
+    per = t.shape[0] // units
+    return t.reshape(units, per, *t.shape[1:]).transpose(0, 1).reshape(per, units * t.shape[1], *t.shape[2:])
 
 
 def _to_units(x: torch.Tensor, num_units: int, seq: bool) -> torch.Tensor:
@@ -162,6 +284,16 @@ def _to_units(x: torch.Tensor, num_units: int, seq: bool) -> torch.Tensor:
     return x.reshape(num_units, per, -1).sum(1)
 
 
+def _in_units(piece, num_units: int):
+    """A piece of ``N`` example rows -> the same piece of ``num_units`` unit rows."""
+    if isinstance(piece, _Seq):
+        return _Seq(_to_units(piece.a, num_units, True), _to_units(piece.g, num_units, True))
+    if isinstance(piece, _Conv):
+        piece.units = num_units
+        return piece
+    return _to_units(piece, num_units, False)
+
+
 def _keep_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Rows of dropped units replaced by zeros (``where``, so NaN/Inf cannot leak through ``0 *``)."""
     if bool(keep.all()):
@@ -170,17 +302,33 @@ def _keep_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-# -- recording one forward ----------------------------------------------------------------------------
+# -- recording one forward, collecting during the backward -------------------------------------------
+class _Tap(torch.autograd.Function):
+    """Identity on a recorded output; its backward hands the output's gradient to the site first.
+
+    ``anchor`` (a scalar leaf of the pass) puts every tap on a path to the one tensor the backward
+    is taken for, so the backward runs as far as the earliest tap and forms no parameter gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, out, anchor, site):  # noqa: D102 (autograd.Function API)
+        ctx.site = site
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        ctx.site.arrive(grad)
+        return grad, None, None
+
+
 class _Site:
-    """One recorded call: its output (whose gradient the backward returns) and how to read it."""
+    """One recorded call: ``rule(g)`` turns its output gradient into ``{parameter name: piece}``."""
 
-    def __init__(self, out: torch.Tensor, slots: dict, rule: Callable):
-        self.out, self.version, self.slots, self.rule = out, out._version, slots, rule
-        self.grad: Optional[torch.Tensor] = None
+    def __init__(self, recorder: "_Recorder", slots: dict, rule: Callable):
+        self.recorder, self.slots, self.rule = recorder, slots, rule
 
-    def pieces(self) -> dict:
-        """``{parameter name: _Seq or [N, numel] tensor}`` from the recorded input and ``self.grad``."""
-        return self.rule(self.grad)
+    def arrive(self, grad: torch.Tensor) -> None:
+        self.recorder.arrive(self, grad)
 
 
 @dataclass
@@ -204,19 +352,46 @@ def _bind(args, kwargs, names, defaults):
     return [values[n] for n in names]
 
 
-class _Recorder(TorchFunctionMode):
-    """Records the calls of known operations on the tracked parameters; marks every other use."""
+def _root(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage (and version counter) ``t`` views."""
+    return t if t._base is None else t._base
 
-    def __init__(self, names: dict, batch: int):
+
+def _writes_in_place(func, kwargs) -> bool:
+    name = getattr(func, "__name__", "")
+    return ("out" in kwargs or name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+            or (name.startswith("__i") and name.endswith("__")))
+
+
+class _Recorder(TorchFunctionMode):
+    """Records the calls of known operations on the tracked parameters; marks every other use.
+
+    During the backward (:meth:`arrive`) it turns each output gradient into its layer's pieces,
+    and once every use of a parameter has arrived, its squared norms; it then keeps only what the
+    clipped sum needs (``keep_pieces``) or nothing.
+    """
+
+    def __init__(self, names: dict, batch: int, anchor: torch.Tensor):
         super().__init__()
         self.names = names  # id(parameter) -> name
         self.batch = batch
+        self.anchor = anchor
         self.aliases: dict = {}  # id(view of a parameter) -> (name, the view, kept alive)
         self.shared: dict = {}  # id(tensor shared by all examples) -> _Shared
-        self.sites: list[_Site] = []
+        self.outputs: dict = {}  # id(root of a recorded output) -> (weakref, version, parameter names)
+        self.uses: dict = {}  # name -> recorded calls using it
         self.uncovered: dict = {}  # name -> why it falls back
         self.seen: set = set()
+        # set by start_backward:
+        self.collecting = False
+        self.skip: set = set()
+        self.num_units = batch
+        self.keep_pieces = True
+        self.pending: dict = {}  # name -> pieces arrived so far
+        self.sq_norms: dict = {}  # name -> [K] float64
+        self.pieces: dict = {}  # name -> compacted pieces, for the clipped sum
 
+    # -- the forward
     def _name(self, t) -> Optional[str]:
         return self.names.get(id(t)) if isinstance(t, torch.nn.Parameter) else None
 
@@ -225,6 +400,8 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.outputs and _writes_in_place(func, kwargs):
+            self._refuse_in_place(func, args, kwargs)
         if func in _LINEAR:
             return self._linear(func, args, kwargs)
         if func in _CONV:
@@ -249,6 +426,31 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         self._other_use(func, args, kwargs, out)
         return out
+
+    def _refuse_in_place(self, func, args, kwargs) -> None:
+        """An in-place write to a recorded output (or a view of one) is refused before it happens."""
+        for t in ((args[0],) if args else ()) + tuple(tree_flatten(kwargs.get("out"))[0]):
+            if isinstance(t, torch.Tensor):
+                self._check_output(_root(t))
+
+    def _check_output(self, root: torch.Tensor, version: Optional[int] = None) -> None:
+        """Raise if ``root`` is a recorded output and is being (``version`` None) or was written in place."""
+        entry = self.outputs.get(id(root))
+        if entry is None or entry[0]() is not root:
+            return
+        if version is None or version != entry[1]:
+            raise RuntimeError(
+                f"an output of a layer using {sorted(entry[2])} was modified in place after it was computed, "
+                "so its gradient cannot be read; make that operation out of place "
+                "(e.g. masked_fill instead of masked_fill_)")
+
+    def check_versions(self) -> None:
+        """The recorded outputs still alive at the end of the forward have not been written in place."""
+        for ref, version, _ in list(self.outputs.values()):
+            root = ref()
+            if root is not None:
+                self._check_output(root, version=root._version)
+        self.outputs.clear()
 
     # Every use the rules below do not cover makes its parameter fall back.
     def _tracked(self, t) -> Optional[str]:
@@ -293,8 +495,14 @@ class _Recorder(TorchFunctionMode):
         return None
 
     def _record(self, out, slots, rule):
-        if isinstance(out, torch.Tensor) and out.requires_grad:
-            self.sites.append(_Site(out, slots, rule))
+        """Register a call: ``out`` goes on through a :class:`_Tap` (what the model receives instead)."""
+        if not (isinstance(out, torch.Tensor) and out.requires_grad):
+            return out
+        for name in slots.values():
+            self.uses[name] = self.uses.get(name, 0) + 1
+        root = _root(out)
+        self.outputs[id(root)] = (weakref.ref(root), root._version, list(slots.values()))
+        return _Tap.apply(out, self.anchor, _Site(self, slots, rule))
 
     def _call(self, func, args, kwargs, x, weight, bias) -> tuple[dict, torch.Tensor]:
         """Run a layer op; ``({"weight"/"bias": name} of its tracked parameters, output)``."""
@@ -318,19 +526,18 @@ class _Recorder(TorchFunctionMode):
         axis = self._batch_axis(x, x.dim() - 1 if isinstance(x, torch.Tensor) else 0, names.values(), "linear")
         if axis is None:
             return out
-        a = x.detach().movedim(axis, 0).reshape(self.batch, 1, -1, x.shape[-1])
+        saved, batch = x.detach(), self.batch  # the storage autograd saves anyway: no copy
 
-        def rule(g):
-            g = g.movedim(axis, 0).reshape(self.batch, 1, -1, g.shape[-1])
+        def rule(g):  # views in the Conformer's layouts ([N, T, d] and time-first [T, N, d])
             pieces = {}
             if "weight" in names:
-                pieces[names["weight"]] = _Seq(a, g)
+                pieces[names["weight"]] = _Seq(saved.movedim(axis, 0).reshape(batch, 1, -1, saved.shape[-1]),
+                                               g.movedim(axis, 0).reshape(batch, 1, -1, g.shape[-1]))
             if "bias" in names:
-                pieces[names["bias"]] = g.sum((1, 2))
+                pieces[names["bias"]] = g.movedim(axis, 0).reshape(batch, -1, g.shape[-1]).sum(1)
             return pieces
 
-        self._record(out, names, rule)
-        return out
+        return self._record(out, names, rule)
 
     def _check_misplaced(self, func, inputs, out) -> None:
         """A parameter (or a view of one) fed where an activation is expected falls back."""
@@ -340,31 +547,34 @@ class _Recorder(TorchFunctionMode):
 
     def _conv(self, func, args, kwargs):
         dims = _CONV[func]
-        x, weight, bias, stride, padding, dilation, groups = _bind(
-            args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-            (None, None, None, 1, 0, 1, 1))
+        x, weight, bias, stride, padding, dilation, groups = bind_conv(args, kwargs)
         names, out = self._call(func, args, kwargs, x, weight, bias)
         if not names:
             return out
         if x.dim() != dims + 2 or self._batch_axis(x, 1, names.values(), f"conv{dims}d") != 0:
             return out
-        saved = x.detach()
-        kernel = tuple(weight.shape[2:])
+        saved, shape = x.detach(), tuple(weight.shape)
+        pointwise = is_pointwise(shape[2:], stride, padding, dilation)
+        stride, dilation = _tuple(stride, dims), _tuple(dilation, dims)
+        pads = _pads(padding, shape[2:], dilation)
 
         def rule(g):
             n, channels_out = g.shape[:2]
-            g = g.reshape(n, groups, channels_out // groups, -1).transpose(2, 3)  # [N, G, L, d_out]
             pieces = {}
             if "weight" in names:
-                cols = _im2col(saved, kernel, _tuple(stride, dims), _tuple(dilation, dims), padding)
-                cols = cols.reshape(n, groups, -1, cols.shape[-1]).transpose(2, 3)  # [N, G, L, d_in]
-                pieces[names["weight"]] = _Seq(cols, g)
+                if pointwise:  # the columns are the input itself: views, as for a Linear
+                    a = saved.reshape(n, groups, shape[1], -1).transpose(2, 3)
+                    pieces[names["weight"]] = _Seq(a, g.reshape(n, groups, channels_out // groups, -1).transpose(2, 3))
+                else:
+                    symmetric = all(left == right for left, right in pads)
+                    xp = saved if symmetric else F.pad(saved, [v for lr in reversed(pads) for v in lr])
+                    padding_ = tuple(left for left, _ in pads) if symmetric else (0,) * dims
+                    pieces[names["weight"]] = _Conv(xp, g, n, shape, stride, padding_, dilation, groups)
             if "bias" in names:
-                pieces[names["bias"]] = g.sum(2).reshape(n, -1)
+                pieces[names["bias"]] = g.reshape(n, channels_out, -1).sum(2)
             return pieces
 
-        self._record(out, names, rule)
-        return out
+        return self._record(out, names, rule)
 
     def _layer_norm(self, func, args, kwargs):
         x, shape, weight, bias, eps = _bind(
@@ -390,8 +600,7 @@ class _Recorder(TorchFunctionMode):
                 pieces[names["bias"]] = (g.sum(dims) if dims else g).reshape(g.shape[0], -1)
             return pieces
 
-        self._record(out, names, rule)
-        return out
+        return self._record(out, names, rule)
 
     def _shared_view(self, func, args, kwargs):
         """A view of a shared output that keeps its leading axis of size 1 first stays shared."""
@@ -423,11 +632,8 @@ class _Recorder(TorchFunctionMode):
                 and self._tracked(other) is None):
             return None  # left to _other_use: falls back
         record = self.shared[id(shared)]
-        expanded = shared.expand(self.batch, *shared.shape[1:])
-        operands = (expanded, other) if index == 0 else (other, expanded)
-        out = func(*operands)
-        self.seen.update(record.names.values())
         names = record.names
+        self.seen.update(names.values())
 
         def rule(g):  # g: [N, *shared.shape[1:]] -> the Linear output's rows -> _Seq with the shared input
             for kind, value in reversed(record.chain):
@@ -443,8 +649,8 @@ class _Recorder(TorchFunctionMode):
                 pieces[names["bias"]] = g.sum((1, 2))
             return pieces
 
-        self._record(expanded, names, rule)
-        return out
+        expanded = self._record(shared.expand(self.batch, *shared.shape[1:]), names, rule)
+        return func(*((expanded, other) if index == 0 else (other, expanded)))
 
     def _broadcast_add(self, func, args):
         """``x + p`` with ``p`` a parameter (or a view of one) broadcast over the batch axis."""
@@ -467,29 +673,86 @@ class _Recorder(TorchFunctionMode):
         def rule(g):
             return {name: (g.sum(dims, keepdim=True) if dims else g).reshape(g.shape[0], -1)}
 
-        self._record(out, {"param": name}, rule)
-        return out
+        return self._record(out, {"param": name}, rule)
+
+    # -- the backward
+    def start_backward(self, skip: set, num_units: int, keep_pieces: bool) -> None:
+        self.collecting, self.skip, self.num_units, self.keep_pieces = True, set(skip), num_units, keep_pieces
+
+    def arrive(self, site: _Site, grad: torch.Tensor) -> None:
+        """A layer's output gradient, as the backward reaches it: its pieces now, a norm once all uses are in."""
+        if not self.collecting or site.rule is None:
+            return  # a second backward (route="backward") passes through
+        rule, site.rule = site.rule, None  # the recorded input goes with it, unless a piece keeps it
+        with torch.no_grad():
+            for name, piece in rule(grad.detach()).items():
+                if name in self.skip:
+                    continue
+                parts = self.pending.setdefault(name, [])
+                parts.append(_in_units(piece, self.num_units))
+                if len(parts) == self.uses[name]:
+                    self._finish(name)
+
+    def _finish(self, name: str) -> None:
+        parts = _merge(self.pending.pop(name))
+        sq = sum(p.sq_norms() if isinstance(p, _PIECES) else core_norms([p]).pow(2) for p in parts)
+        self.sq_norms[name] = sq.to(torch.float64)
+        if self.keep_pieces:
+            self.pieces[name] = [p.compact() if isinstance(p, _PIECES) else p for p in parts]
+
+    def finish_backward(self) -> None:
+        """Parameters some of whose uses got no gradient: those uses contribute zero."""
+        self.collecting = False
+        with torch.no_grad():
+            for name in list(self.pending):
+                self._finish(name)
+
+    def held_output_grads(self) -> list:
+        """The output gradients this recorder references now (pending or kept for the clipped sum)."""
+        held = []
+        for parts in list(self.pending.values()) + list(self.pieces.values()):
+            for p in parts:
+                if isinstance(p, _PIECES):
+                    held += p.output_grads()
+        return held
 
 
 def _tuple(value, dims: int) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
-def _im2col(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple, padding) -> torch.Tensor:
-    """``[N, C, *spatial]`` -> columns ``[N, C*prod(kernel), L]`` in the weight's ``(c, k...)`` order."""
+def bind_conv(args, kwargs) -> list:
+    """``conv1d``/``conv2d`` arguments as ``[input, weight, bias, stride, padding, dilation, groups]``."""
+    return _bind(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+                 (None, None, None, 1, 0, 1, 1))
+
+
+def is_pointwise(kernel: tuple, stride, padding, dilation) -> bool:
+    """Whether a convolution's ``im2col`` columns are its input itself (kernel 1, stride 1, no padding)."""
     dims = len(kernel)
+    return (all(k == 1 for k in kernel) and all(s == 1 for s in _tuple(stride, dims))
+            and not any(sum(_pads(padding, tuple(kernel), _tuple(dilation, dims)), ())))
+
+
+def _pads(padding, kernel: tuple, dilation: tuple) -> tuple:
+    """A convolution's zero padding as ``((left, right), ...)`` per spatial dimension."""
     if padding == "valid":
-        padding = (0,) * dims
+        return ((0, 0),) * len(kernel)
     if padding == "same":  # torch's rule: the odd element of the total padding goes to the end
         totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
-        pads = [(t // 2, t - t // 2) for t in totals]
-    else:
-        pads = [(p, p) for p in _tuple(padding, dims)]
-    flat = [v for left_right in reversed(pads) for v in left_right]  # F.pad: last dim first
-    x = F.pad(x, flat)
-    if dims == 1:
-        x, kernel, stride, dilation = x.unsqueeze(2), (1,) + kernel, (1,) + stride, (1,) + dilation
-    return F.unfold(x, kernel, dilation=dilation, stride=stride)
+        return tuple((t // 2, t - t // 2) for t in totals)
+    return tuple((p, p) for p in _tuple(padding, len(kernel)))
+
+
+def _im2col(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple, padding: tuple) -> torch.Tensor:
+    """``[N, C, *spatial]`` -> columns ``[N, C*prod(kernel), L]`` in the weight's ``(c, k...)`` order.
+
+    ``padding``: symmetric, per dimension.
+    """
+    if len(kernel) == 1:
+        x, kernel, stride, dilation, padding = (x.unsqueeze(2), (1,) + tuple(kernel), (1,) + tuple(stride),
+                                                (1,) + tuple(dilation), (0,) + tuple(padding))
+    return F.unfold(x, tuple(kernel), dilation=tuple(dilation), padding=tuple(padding), stride=tuple(stride))
 
 
 # -- one pass: forward under the recorder, one backward ---------------------------------------------
@@ -503,6 +766,11 @@ class GhostPass:
         losses: what ``loss_fn`` returned (detached).
         fallback: ``name -> reason`` of the parameters whose per-unit gradients were materialized
             by vmap.
+        pieces: ``name -> [piece]``, what the clipped sum needs (empty with ``keep_pieces=False``):
+            per-unit gradients ``[K, numel]`` (or a materialized :class:`_Seq` / :class:`_Conv`), or
+            a ghost-form layer's recorded input and output gradient.
+        recorded: ``name -> parameter`` of the parameters a recorded call used (a use whose output
+            got no gradient adds zero).
     """
 
     names: list
@@ -512,6 +780,7 @@ class GhostPass:
     pieces: dict = field(repr=False, default_factory=dict)  # name -> list of _Seq / [K, numel]
     fallback_grads: dict = field(repr=False, default_factory=dict)  # name -> [K, *shape]
     graph: Optional[tuple] = field(repr=False, default=None)  # (losses, params) for route="backward"
+    recorded: dict = field(repr=False, default_factory=dict)
 
     @property
     def norms(self) -> torch.Tensor:
@@ -529,11 +798,13 @@ class GhostPass:
             elif self.pieces.get(name):
                 total = None
                 for piece in self.pieces[name]:
-                    if isinstance(piece, _Seq):
+                    if isinstance(piece, _PIECES):
                         part = piece.weighted_sum(weights, keep)
                     else:
                         part = weights.to(piece.dtype) @ _keep_rows(piece, keep)
                     total = part if total is None else total + part
+            elif name in self.recorded:  # its recorded uses got no gradient
+                total = torch.zeros_like(self.recorded[name])
             else:
                 out.append(None)
                 continue
@@ -542,14 +813,18 @@ class GhostPass:
 
 
 def ghost_pass(model: torch.nn.Module, loss_fn: LossFn, tensors: Sequence[torch.Tensor],
-               num_units: Optional[int] = None, keep_graph: bool = False) -> GhostPass:
+               num_units: Optional[int] = None, keep_graph: bool = False, keep_pieces: bool = True) -> GhostPass:
     """Run ``loss_fn(*tensors)`` once under the recorder and take one backward (see the module doc).
+
+    Each layer's norm is formed as the backward reaches it; only what the clipped sum needs is kept.
 
     Args:
         loss_fn: per-example losses ``[N]`` (summed here), or a scalar equal to the sum over units of
             each unit's loss (whose gradient is therefore the sum of the units' gradients).
         num_units: ``K`` (default ``N``: one unit per example); must divide ``N``.
         keep_graph: keep the autograd graph (for ``route="backward"``).
+        keep_pieces: keep what :meth:`GhostPass.weighted_sum` needs; False: norms only (nothing of
+            the pass is held once it returns).
     """
     named = trainable_parameters(model)
     if not named:
@@ -562,9 +837,11 @@ def ghost_pass(model: torch.nn.Module, loss_fn: LossFn, tensors: Sequence[torch.
         if t.shape[0] != batch:
             raise ValueError("every batch tensor must have the same first (batch) dimension")
     names = {id(p): n for n, p in named}
-    recorder = _Recorder(names, batch)
+    anchor = torch.zeros((), requires_grad=True)  # every tap leads here: the backward stops at the earliest one
+    recorder = _Recorder(names, batch, anchor)
     with recorder:
         losses = loss_fn(*tensors)
+    recorder.check_versions()
     if not isinstance(losses, torch.Tensor) or losses.dim() > 1 or (losses.dim() == 1 and losses.shape[0] != batch):
         raise ValueError(f"loss_fn must return per-example losses [{batch}] or their sum (a scalar), got "
                          f"{getattr(losses, 'shape', type(losses))}")
@@ -573,43 +850,29 @@ def ghost_pass(model: torch.nn.Module, loss_fn: LossFn, tensors: Sequence[torch.
     total = losses.sum()
     if not total.requires_grad:
         raise ValueError("loss_fn's result does not depend on any trainable parameter")
-    sites = recorder.sites
-    for site in sites:
-        if site.out._version != site.version:
-            raise RuntimeError(
-                f"an output of a layer using {sorted(site.slots.values())} was modified in place after it was "
-                "computed, so its gradient cannot be read; make that operation out of place "
-                "(e.g. masked_fill instead of masked_fill_)")
-    grads = torch.autograd.grad(total, [s.out for s in sites], allow_unused=True, retain_graph=keep_graph) \
-        if sites else ()
     fallback = dict(recorder.uncovered)
     for name in names.values():
         if name not in recorder.seen:
             fallback.setdefault(name, "not seen by any recorded operation")
-    pieces: dict = {}
-    with torch.no_grad():
-        for site, g in zip(sites, grads):
-            site.grad = torch.zeros_like(site.out) if g is None else g
-            for name, piece in site.pieces().items():
-                if name not in fallback:
-                    seq = isinstance(piece, _Seq)
-                    piece = _Seq(_to_units(piece.a, num_units, True), _to_units(piece.g, num_units, True)) if seq \
-                        else _to_units(piece, num_units, False)
-                    pieces.setdefault(name, []).append(piece)
-            site.grad = site.out = None  # free as we go
-        pieces = {name: _merge(parts) for name, parts in pieces.items()}
-        sq_norms = {}
-        for name, parts in pieces.items():
-            sq = sum(p.sq_norms() if isinstance(p, _Seq) else core_norms([p]).pow(2) for p in parts)
-            sq_norms[name] = sq.to(torch.float64)
+    recorder.start_backward(set(fallback), num_units, keep_pieces)
+    try:
+        if recorder.uses:
+            torch.autograd.grad(total, [anchor], allow_unused=True, retain_graph=keep_graph)
+    finally:
+        recorder.finish_backward()
+    sq_norms = dict(recorder.sq_norms)
     fallback_grads = _fallback_grads(model, loss_fn, tensors, num_units, fallback) if fallback else {}
     for name, g in fallback_grads.items():
         sq_norms[name] = core_norms([g]).pow(2)
+    if not keep_pieces:
+        fallback_grads = {}
     order = [n for n, _ in named]
     for name in order:
         sq_norms.setdefault(name, torch.zeros(num_units, dtype=torch.float64))
     graph = (losses, [p for _, p in named]) if keep_graph else None
-    return GhostPass(order, {n: sq_norms[n] for n in order}, losses.detach(), fallback, pieces, fallback_grads, graph)
+    recorded = {n: p for n, p in named if n in recorder.uses and n not in fallback}
+    return GhostPass(order, {n: sq_norms[n] for n in order}, losses.detach(), fallback, recorder.pieces,
+                     fallback_grads, graph, recorded)
 
 
 def _merge(parts: list) -> list:
@@ -623,7 +886,7 @@ def _merge(parts: list) -> list:
     seqs = [p for p in parts if isinstance(p, _Seq)]
     if len(seqs) == len(parts) and len({p.layout() for p in seqs}) == 1:
         return [_Seq(torch.cat([p.a for p in seqs], 2), torch.cat([p.g for p in seqs], 2))]
-    return [sum(p.materialize() if isinstance(p, _Seq) else p for p in parts)]
+    return [sum(p.materialize() if isinstance(p, _PIECES) else p for p in parts)]
 
 
 def _fallback_grads(model, loss_fn, tensors, num_units, fallback: dict) -> dict:
@@ -653,7 +916,7 @@ def per_example_norms(model: torch.nn.Module, loss_fn: LossFn, tensors: Sequence
     Group the per-parameter squared norms by layer (e.g. ``model.param_groups()``) and sum them for
     per-layer clipping.
     """
-    result = ghost_pass(model, loss_fn, tensors, num_units)
+    result = ghost_pass(model, loss_fn, tensors, num_units, keep_pieces=False)
     return result.norms, result.sq_norms, result.losses
 
 
@@ -669,7 +932,8 @@ def clipped_sum(model: torch.nn.Module, loss_fn: LossFn, tensors: Sequence[torch
     """
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}; accepted: {', '.join(ROUTES)}")
-    result = ghost_pass(model, loss_fn, tensors, num_units, keep_graph=route == "backward")
+    two_pass = route == "backward"
+    result = ghost_pass(model, loss_fn, tensors, num_units, keep_graph=two_pass, keep_pieces=not two_pass)
     norms = result.norms
     factors, _ = clip_factors(norms, method, bound)
     return _clipped(result, model, loss_fn, tensors, factors, route), norms, factors
@@ -736,4 +1000,4 @@ def accumulate(accumulator, model: torch.nn.Module, loss_fn: LossFn, tensors: Se
 
 
 __all__ = ["GhostPass", "ghost_pass", "per_example_norms", "clipped_sum", "summed_shard_loss", "accumulate",
-           "ROUTES"]
+           "ROUTES", "CONV_CHUNK_BYTES", "bind_conv", "is_pointwise"]

@@ -7,6 +7,7 @@ import torch
 
 from privasr.clipping import clip_factors, core_norms
 from privasr.distributed import CoreAccumulator
+import privasr.ghost as ghost_module
 from privasr.ghost import accumulate, clipped_sum, ghost_pass, per_example_norms, summed_shard_loss
 from privasr.models.sizes import build_model
 from privasr.per_sample import shard_grads_vmap, trainable_parameters
@@ -351,3 +352,116 @@ def test_bench_ghost_cells_run_and_bad_input_is_one_line(capsys):
     assert main(["--repeats", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["privasr-bench-ghost: error: argument --repeats: expected an integer >= 1, got 0 (see --help)"], err
+
+
+# -- what a pass holds (counted, not timed) --------------------------------------------------------------
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views counted once)."""
+    seen = {}
+    for t in tensors:
+        if t is not None:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _held(result):
+    """``(output gradients, recorded inputs, per-unit gradients)`` that a GhostPass keeps for the clipped sum."""
+    grads, inputs, per_unit = [], [], []
+    for parts in result.pieces.values():
+        for p in parts:
+            if isinstance(p, (ghost_module._Seq, ghost_module._Conv)):
+                grads.append(p.g)
+                inputs.append(p.a if isinstance(p, ghost_module._Seq) else p.x)
+                per_unit.append(p._grads)
+            else:
+                per_unit.append(p)
+    return grads, inputs, per_unit
+
+
+def test_a_pass_holds_only_its_records_and_the_memory_estimate_counts_them():
+    """After a pass, the live tensor bytes it allocated are exactly the storages its result keeps; the
+    output gradients kept are those of the ghost-form layers only (a materialized layer's is freed once its
+    per-example gradient exists), which is what privasr.dp.memory estimates, byte for byte."""
+    from privasr.cli.bench_ghost import tensor_bytes
+    from privasr.dp.memory import estimate, trace_layers
+
+    model = tiny_ctc()
+    tensors = ctc_batch(model)
+    loss = ctc_summed_loss(model)
+    for keep in (False, True):  # book-keeping last: its records are checked against the estimate below
+        ghost_pass(model, loss, tensors, keep_pieces=keep)  # warm-up: lazily built kernels allocate once
+        _, net, result = tensor_bytes(lambda: ghost_pass(model, loss, tensors, keep_pieces=keep))
+        grads, inputs, per_unit = _held(result)
+        others = list(result.sq_norms.values()) + [result.losses]
+        assert net == _storage_bytes(grads + inputs + per_unit + others), (keep, net)
+        if not keep:  # norms only: nothing of the records survives the pass
+            assert not result.pieces and net == _storage_bytes(others)
+    est = estimate(trace_layers(model, lambda: loss(*tensors), 3), model, batch=3, chunk=3)
+    assert _storage_bytes(grads) == est.output_grads > 0
+    assert _storage_bytes(per_unit) == est.materialized > 0
+    kinds = [p.ghost for parts in result.pieces.values() for p in parts
+             if isinstance(p, (ghost_module._Seq, ghost_module._Conv))]
+    assert any(kinds) and not all(kinds)  # both forms are on the tiny Conformer (convolutions materialized)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_recorder_frees_each_output_gradient_it_does_not_need(keep, monkeypatch):
+    """Counted at every arrival of an output gradient during the backward: norms only, the recorder holds
+    none after a layer is done; book-keeping, one per ghost-form layer done so far and none of the others."""
+    model = tiny_ctc()
+    tensors = ctc_batch(model)
+    counts = []
+    arrive = ghost_module._Recorder.arrive
+
+    def spy(self, site, grad):
+        arrive(self, site, grad)
+        ghost_form = sum(1 for parts in self.pieces.values() for p in parts
+                         if isinstance(p, (ghost_module._Seq, ghost_module._Conv)) and p.ghost)
+        counts.append((len(self.held_output_grads()), ghost_form))
+
+    monkeypatch.setattr(ghost_module._Recorder, "arrive", spy)
+    ghost_pass(model, ctc_summed_loss(model), tensors, keep_pieces=keep)
+    assert len(counts) > 40  # every recorded layer of the tiny Conformer arrived
+    if keep:
+        assert all(held == ghost_form for held, ghost_form in counts) and 0 < counts[-1][0] < len(counts)
+    else:
+        assert all(held == 0 for held, _ in counts)
+
+
+def test_convolutions_in_chunks_of_one_unit_are_exact(monkeypatch):
+    """The per-unit convolution gradients formed a unit at a time (the smallest chunk) equal vmap's."""
+    monkeypatch.setattr(ghost_module, "CONV_CHUNK_BYTES", 1)
+    torch.manual_seed(0)
+
+    class Front(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(1, 4, 3, stride=2, padding=1)
+            self.c2 = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2)
+
+        def forward(self, x):
+            return self.c2(torch.relu(self.c1(x.unsqueeze(1))))
+
+    model = Front()
+    loss = square_loss(model)
+    tensors = seq_batch(t=9, d=7)
+    for units in (None, 2):
+        summed = loss if units is None else (lambda *t: loss(*t).sum())  # noqa: E731
+        assert_norms_match(model, summed, tensors, num_units=units)
+        grads, _, _ = clipped_sum(model, summed, tensors, 0.5, num_units=units)
+        expected, _ = accumulator_reference(model, summed, tensors, 0.5, "sum", units)
+        assert_grads_close(grads, expected)
+
+
+def test_writing_a_view_of_a_layer_output_in_place_is_refused():
+    torch.manual_seed(0)
+    model = SeqModel(torch.nn.Linear(6, 5))
+    tensors = seq_batch()
+
+    def in_place_view(x, w):
+        out = model(x)
+        out[:, 0].zero_()
+        return out.sum((1, 2))
+
+    with pytest.raises(RuntimeError, match="modified in place"):
+        ghost_pass(model, in_place_view, tensors)

@@ -12,23 +12,31 @@ With :math:`n` examples per chunk (``dp_micro_batch``), :math:`P` trained parame
 * **per-example gradients** (``vmap``): :math:`n P s` per chunk, :math:`B P s` for a batch of
   :math:`B` if it were vectorised at once;
 * **ghost** (:mod:`privasr.ghost`, book-keeping), per recorded call of a layer with :math:`L`
-  positions per example, :math:`G` groups of :math:`d_{in} \to d_{out}`:
+  positions per example, :math:`G` groups of :math:`d_{in} \to d_{out}`. Each layer's output
+  gradient reaches ghost when the backward does (a tap, not the end of the backward); its norm is
+  formed then and only what the clipped sum needs stays:
 
   - *activations*: the layer's input, :math:`n L d_{in}` (a Linear on an input shared by the
     examples: once). Autograd saves these for any backward of the chunk -- vmap's and a plain one's
-    too -- so they are the common baseline, not ghost's extra; ghost keeps them (they share storage)
-    until the clipped sum is formed;
-  - *im2col columns*: a convolution's columns, :math:`n L G d_{in}` with :math:`d_{in} = (C_{in}/G)
-    \prod k`, less its input (counted above): :math:`\approx \prod k` times the input, held;
-  - *output gradients*: :math:`n L G d_{out}`; the one backward returns those of every recorded
-    layer at once, so they coexist;
-  - *materialized per-example gradients*: :math:`n \cdot \text{numel}` of every weight with
-    :math:`d_{in} d_{out} < L^2` (mixed ghost clipping), of every bias and LayerNorm parameter and
-    of every parameter no traced call uses (broadcast biases; a vmap fallback is the same size);
-  - *Gram matrices*: :math:`2 n G L^2` for the ghost-form weights, formed one layer at a time
-    (the peak, the largest layer's, is counted).
+    too -- so they are the common baseline, not ghost's extra. Ghost keeps those of the ghost-form
+    layers (*kept inputs*, a part of them: they share storage) until the clipped sum;
+  - *output gradients* kept: :math:`n L G d_{out}` of every **ghost-form** weight
+    (:math:`d_{in} d_{out} \ge L^2`, mixed ghost clipping): its clipped sum
+    :math:`\sum_i f_i g_i^\top a_i` needs them. A materialized layer's output gradient is freed
+    as soon as its per-example gradient is formed;
+  - *materialized per-example gradients*, kept: :math:`n \cdot \text{numel}` of every weight with
+    :math:`d_{in} d_{out} < L^2` (convolutions: torch's weight-gradient kernel, no ``im2col``), of
+    every bias and LayerNorm parameter and of every parameter no traced call uses (broadcast
+    biases; a vmap fallback is the same size);
+  - *transient*, one layer at a time (the largest layer's is counted): a ghost-form weight's two
+    Gram matrices, :math:`2 n G L^2`, plus, for a ghost-form convolution with a kernel wider
+    than 1, its ``im2col`` columns :math:`n L G d_{in}` with :math:`d_{in} = (C_{in}/G) \prod k`.
 
-  Ghost's extra is the sum of the last four; vmap's extra is :math:`n P s`.
+  Ghost's extra is output gradients + materialized + transient: an upper bound on what it holds
+  beyond the activations (which the backward frees as ghost's records grow); vmap's extra is
+  :math:`n P s`. ``route="backward"`` (norms, then a second backward) keeps neither output
+  gradients nor per-example gradients: its extra is the largest layer's transient (with its
+  per-example gradient if materialized), on top of the graph retained for the second backward.
 
 A weight used by several calls of one layout has its positions added (ghost concatenates them).
 """
@@ -42,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from privasr.ghost import bind_conv, is_pointwise
 from privasr.per_sample import trainable_parameters
 
 _LINEAR = {F.linear}
@@ -64,6 +73,7 @@ class LayerShape:
     positions: int = 1  # L, per example (a shared input: its own positions)
     shared_input: bool = False
     input_numel: int = 0  # elements of the input per example (convolutions)
+    pointwise: bool = False  # a convolution whose columns are its input (privasr.ghost.is_pointwise)
 
 
 class ShapeTracer(TorchFunctionMode):
@@ -99,10 +109,12 @@ class ShapeTracer(TorchFunctionMode):
             positions = x.numel() // d_in if shared else x.numel() // (self.batch * d_in)
             shape = LayerShape("linear", names[0], names, numel, d_in, d_out, 1, positions, shared)
         elif func in _CONV:
-            groups = int(args[6] if len(args) > 6 else kwargs.get("groups", 1))
+            _, _, _, stride, padding, dilation, groups = bind_conv(args, kwargs)
+            groups = int(groups)
             d_in = weight.shape[1] * math.prod(weight.shape[2:])
             shape = LayerShape("conv", names[0], names, numel, d_in, weight.shape[0] // groups, groups,
-                               math.prod(out.shape[2:]), input_numel=x.numel() // self.batch)
+                               math.prod(out.shape[2:]), input_numel=x.numel() // self.batch,
+                               pointwise=is_pointwise(tuple(weight.shape[2:]), stride, padding, dilation))
         else:
             d = math.prod(weight.shape if weight is not None else bias.shape)
             shape = LayerShape("layer_norm", names[0], names, numel, d, d, 1, x.numel() // (self.batch * d))
@@ -133,10 +145,12 @@ class MemoryEstimate:
     trained_params: int
     element_size: int
     activations: int = 0
-    im2col: int = 0
+    kept_inputs: int = 0  # the ghost-form layers' inputs (a part of activations), held to the clipped sum
+    im2col: int = 0  # the columns of the layer with the largest transient (ghost-form convolutions)
     output_grads: int = 0
     materialized: int = 0
-    gram_peak: int = 0
+    gram_peak: int = 0  # the Gram matrices of the layer with the largest transient
+    two_pass_peak: int = 0  # route="backward": the largest layer's transient and per-example gradient
     layers: int = 0
     notes: List[str] = field(default_factory=list)
 
@@ -151,9 +165,14 @@ class MemoryEstimate:
         return self.chunk * self.trained_params * self.element_size
 
     @property
+    def transient(self) -> int:
+        """The largest one-layer transient of a ghost pass: Gram matrices and ``im2col`` columns."""
+        return self.im2col + self.gram_peak
+
+    @property
     def ghost_extra(self) -> int:
-        """What ghost holds beyond the chunk's activations (see the module doc)."""
-        return self.im2col + self.output_grads + self.materialized + self.gram_peak
+        """What ghost (book-keeping) holds beyond the chunk's activations, at most (see the module doc)."""
+        return self.output_grads + self.materialized + self.transient
 
     def line(self) -> str:
         g = lambda b: f"{b / _GIB:.3g} GiB"  # noqa: E731
@@ -161,8 +180,9 @@ class MemoryEstimate:
                 f"{self.batch:g}: {g(self.per_example_grads_batch)} ({self.batch:g} x {self.trained_params:,} "
                 f"x {self.element_size} B); per chunk of {self.chunk}, beyond its activations ({g(self.activations)}, "
                 f"held by every mode): vmap {g(self.vmap_extra)} vs ghost {g(self.ghost_extra)} (output grads "
-                f"{g(self.output_grads)}, im2col {g(self.im2col)}, materialized {g(self.materialized)}, Gram peak "
-                f"{g(self.gram_peak)}; {self.layers} layers)" + "".join(f"; {n}" for n in self.notes))
+                f"of ghost-form layers {g(self.output_grads)}, materialized {g(self.materialized)}, one layer's "
+                f"Gram + im2col {g(self.transient)}; {self.layers} layers; two-pass ghost: "
+                f"{g(self.two_pass_peak)})" + "".join(f"; {n}" for n in self.notes))
 
 
 def estimate(layers: Sequence[LayerShape], model: torch.nn.Module, batch: float, chunk: int) -> MemoryEstimate:
@@ -177,21 +197,27 @@ def estimate(layers: Sequence[LayerShape], model: torch.nn.Module, batch: float,
         covered.update(layer.names)
         length, g = layer.positions, layer.groups
         copies = 1 if layer.shared_input else n
-        est.output_grads += n * length * g * layer.d_out * size
-        if layer.kind == "layer_norm":  # its input; weight and bias materialized
+        if layer.kind == "layer_norm":  # its input; weight and bias materialized, its output gradient freed
             est.activations += n * length * layer.d_in * size
             est.materialized += n * sum(layer.numel.values()) * size
+            est.two_pass_peak = max(est.two_pass_peak, n * sum(layer.numel.values()) * size)
             continue
-        if layer.kind == "conv":
-            est.activations += n * layer.input_numel * size
-            est.im2col += (n * length * g * layer.d_in - n * layer.input_numel) * size
-        else:
-            est.activations += copies * length * layer.d_in * size
-        est.materialized += n * sum(v for k, v in layer.numel.items() if k != layer.weight) * size
-        if layer.d_in * layer.d_out < length ** 2:
-            est.materialized += n * layer.numel[layer.weight] * size
-        else:
-            est.gram_peak = max(est.gram_peak, 2 * n * g * length ** 2 * size)
+        inputs = n * layer.input_numel * size if layer.kind == "conv" else copies * length * layer.d_in * size
+        est.activations += inputs
+        biases = n * sum(v for k, v in layer.numel.items() if k != layer.weight) * size
+        est.materialized += biases
+        if layer.d_in * layer.d_out < length ** 2:  # materialized: its per-example gradient stays
+            weight = n * layer.numel[layer.weight] * size
+            est.materialized += weight
+            est.two_pass_peak = max(est.two_pass_peak, weight + biases)
+            continue
+        est.kept_inputs += inputs
+        est.output_grads += n * length * g * layer.d_out * size
+        gram = 2 * n * g * length ** 2 * size
+        cols = n * length * g * layer.d_in * size if layer.kind == "conv" and not layer.pointwise else 0
+        if gram + cols > est.gram_peak + est.im2col:
+            est.gram_peak, est.im2col = gram, cols
+        est.two_pass_peak = max(est.two_pass_peak, gram + cols + biases)
     other = [(name, p.numel()) for name, p in trained if name not in covered]
     est.materialized += n * sum(v for _, v in other) * size
     if other:
