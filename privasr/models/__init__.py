@@ -18,7 +18,7 @@ per-example gradients; see :mod:`privasr.models.encoder` for why.
 """
 
 from privasr.models.conformer_ctc import ConformerCTC
-from privasr.models.ctc_loss import count_infinite, ctc_loss
+from privasr.models.ctc_loss import ctc_loss
 from privasr.models.encoder import ConformerEncoder, build_spec_augment, encoder_param_groups
 from privasr.models.rnnt_loss import rnnt_loss
 from privasr.models.sizes import PUBLISHED_PARAMS, SIZES, build_model, count_parameters, get_size
@@ -30,7 +30,6 @@ __all__ = [
     "ConformerEncoder",
     "build_model",
     "build_spec_augment",
-    "count_infinite",
     "count_parameters",
     "ctc_loss",
     "encoder_param_groups",

@@ -22,10 +22,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from privasr.models.ctc_loss import REDUCTIONS, count_infinite, ctc_loss
+from privasr.models.ctc_loss import REDUCTIONS, ctc_loss
 from privasr.models.encoder import ConformerEncoder, encoder_param_groups
 
-__all__ = ["ConformerCTC", "ctc_loss", "count_infinite", "REDUCTIONS", "encoder_param_groups"]
+__all__ = ["ConformerCTC", "ctc_loss", "REDUCTIONS", "encoder_param_groups"]
 
 class ConformerCTC(nn.Module):
     """Conformer encoder + linear CTC head.

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from privasr.models.encoder import relative_to_absolute
 
-__all__ = ["REDUCTIONS", "IMPLEMENTATIONS", "ctc_loss", "ctc_nll_torch", "count_infinite"]
+__all__ = ["REDUCTIONS", "IMPLEMENTATIONS", "ctc_loss", "ctc_nll_torch"]
 
 REDUCTIONS = ("mean", "sum", "none")
 IMPLEMENTATIONS = ("auto", "native", "torch")
@@ -129,7 +129,3 @@ def ctc_loss(log_probs: torch.Tensor, out_lens: torch.Tensor, tokens: torch.Tens
         return nll.sum()
     return (nll / target_lengths.clamp(min=1).to(nll.dtype)).mean()
 
-
-def count_infinite(losses: torch.Tensor) -> int:
-    """Number of non-finite entries in per-utterance losses (``reduction="none"``)."""
-    return int((~torch.isfinite(torch.as_tensor(losses))).sum())
