@@ -43,8 +43,9 @@ class LayerFreezer:
     Args:
         model: the model whose trainable parameters are grouped into layers; may be
             ``None`` if the state is then restored with :meth:`load_state_dict`/:meth:`load`.
-        depth_or_regex: layer grouping (default: one group per ``layers.<i>``, plus each
-            other top-level module); see :func:`group_parameters_by_layer`.
+        depth_or_regex: layer grouping (default :data:`privasr.dp.per_layer.LAYER_REGEX`: one
+            group per Conformer block ``layers.<i>``, the front end, the final norm and each
+            head, plus each other top-level module); see :func:`group_parameters_by_layer`.
     """
 
     def __init__(self, model: Optional[torch.nn.Module] = None,

@@ -117,3 +117,19 @@ def test_frozen_layers_stay_bit_identical_through_noisy_dp_steps():
             assert torch.equal(p, before[name]), name
         else:
             assert not torch.equal(p, before[name]), name
+
+
+def test_default_layers_of_the_real_bestrq_are_the_clippers_and_name_the_recipes_exclude():
+    """LayerFreeze and per-layer clipping group by the one LAYER_REGEX; the recipes' freeze_exclude names a layer."""
+    from privasr.models.bestrq import BestRQ
+    from privasr.ssl.pretrained import build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder("tiny", dropout=0.0)
+    modules = nn.ModuleDict({"bestrq": BestRQ(encoder, 80, encoder.d_model, codebook_size=16)})
+    freezer = LayerFreezer(modules)
+    assert freezer.groups == PerLayerClipper(modules.named_parameters(), 1.0, "dim").groups
+    assert list(freezer.groups) == ["bestrq.encoder.subsampling", "bestrq.encoder.conformer.layers.0",
+                                    "bestrq.encoder.conformer.layers.1", "bestrq.encoder.conformer.norm",
+                                    "bestrq.head"]
+    assert freezer.sizes["bestrq.head"] == sum(p.numel() for p in modules.bestrq.head.parameters())

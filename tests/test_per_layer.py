@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from privasr.dp.per_layer import (
+    LAYER_REGEX,
     PerLayerClipper,
     clip_per_layer,
     group_parameters_by_layer,
@@ -54,13 +55,47 @@ def test_default_grouping_of_a_speechbrain_style_encoder():
     groups = group_parameters_by_layer(Tiny().named_parameters())
     assert list(groups) == ["frontend", "layers.0", "layers.1", "norm", "head"]
     assert groups["layers.1"] == ["layers.1.0.weight", "layers.1.0.bias", "layers.1.2.weight", "layers.1.2.bias"]
-    nested = group_parameters_by_layer([("model.encoder.layers.11.ffn.w.weight", None), ("model.head.b", None)])
-    assert list(nested) == ["model.encoder.layers.11", "model"]
+    nested = group_parameters_by_layer([("model.encoder.layers.11.ffn.w.weight", None), ("model.head.b", None),
+                                        ("model.proj.w", None)])
+    assert list(nested) == ["model.encoder.layers.11", "model.head", "model"]  # the rest: its top-level module
     assert list(group_parameters_by_layer(Tiny().named_parameters(), 2))[:3] == ["frontend", "layers.0", "layers.1"]
     assert list(group_parameters_by_layer(Tiny().named_parameters(), r"^(head|norm)")) == [
         "frontend", "layers", "norm", "head"]
     with pytest.raises(ValueError, match="depth_or_regex"):
         group_parameters_by_layer(Tiny().named_parameters(), 0)
+
+
+def _real_models():
+    """The tiny Conformer-CTC and BEST-RQ as a Brain holds them (``modules`` keys prefix every name)."""
+    from privasr.models import build_model
+    from privasr.models.bestrq import BestRQ
+    from privasr.ssl.pretrained import build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder("tiny", dropout=0.0)
+    bestrq = BestRQ(encoder, 80, encoder.d_model, codebook_size=16, encoder_method="encode")
+    return nn.ModuleDict({"bestrq": bestrq}), nn.ModuleDict({"model": build_model("tiny", 10, dropout=0.0)})
+
+
+def test_the_default_regex_groups_the_real_conformer_and_bestrq_parameters():
+    """One group per Conformer block, the front end, the final norm and the head, each holding exactly the
+    parameters of that module (the reference: ``get_submodule``), in forward order; nothing falls back."""
+    bestrq, ctc = _real_models()
+    blocks = [f"encoder.conformer.layers.{i}" for i in range(len(ctc.model.encoder.conformer.layers))]
+    assert len(blocks) == 2  # tiny
+    for modules, key, head in [(bestrq, "bestrq", "head"), (ctc, "model", "ctc_head")]:
+        expected = [f"{key}.{m}" for m in ["encoder.subsampling", *blocks, "encoder.conformer.norm", head]]
+        groups = group_parameters_by_layer(modules.named_parameters())
+        assert group_parameters_by_layer(modules.named_parameters(), LAYER_REGEX) == groups
+        assert list(groups) == expected
+        for path, names in groups.items():
+            assert names == [f"{path}.{n}" for n, _ in modules.get_submodule(path).named_parameters()], path
+    # the same partition as the models' own structural grouping (privasr.models.encoder_param_groups)
+    own = ctc.model.param_groups()
+    assert [[f"model.{n}" for n in names] for names in own.values()] == list(
+        group_parameters_by_layer(ctc.named_parameters()).values())
+    clipper = PerLayerClipper(bestrq.named_parameters(), max_norm=1.0, mode="dim")
+    assert list(clipper.groups) == list(group_parameters_by_layer(bestrq.named_parameters()))
 
 
 @pytest.mark.parametrize("mode", ["flat", "uniform", "dim"])

@@ -1,7 +1,7 @@
 r"""Per-layer (group-wise) clipping of per-example gradients.
 
 The parameters are split into :math:`K` groups (one per Conformer block, plus the
-front-end and the head). Example :math:`i`'s gradient restricted to group :math:`k`,
+front-end, the final norm and the head: :data:`LAYER_REGEX`). Example :math:`i`'s gradient restricted to group :math:`k`,
 :math:`g_{i,k}`, is clipped to its own bound :math:`C_k`:
 
 .. math::
@@ -30,9 +30,14 @@ import torch
 
 CLIP_MODES = ("flat", "uniform", "dim")
 
-#: Default grouping: everything up to and including ``layers.<i>`` (SpeechBrain's
-#: ConformerEncoder/TransformerEncoder name their blocks ``layers.0``, ``layers.1``, ...).
-LAYER_REGEX = r"^(.*?\blayers\.\d+)\."
+#: The one default layer grouping (per-layer clipping, LayerFreeze, DP-SGD's ``layer_regex``):
+#: each Conformer block (SpeechBrain's ConformerEncoder names them ``layers.0``, ``layers.1``, ...),
+#: the conv front end (``subsampling``), the final norm (``conformer.norm``) and each head
+#: (``head``, ``ctc_head``, ...) is one layer, named by its module path. A name matching none of
+#: them falls back to its top-level module. Under a Brain every name starts with the ``modules``
+#: key, so the front end, the final norm and the head need their own alternatives: with
+#: ``layers.<i>`` alone they would all fall back to one group, ``bestrq`` (or ``model``).
+LAYER_REGEX = r"^(.*?\blayers\.\d+|.*?\bsubsampling|.*?\bconformer\.norm|.*?\w*head)\."
 
 _EPS = 1e-6
 
@@ -58,8 +63,10 @@ def group_parameters_by_layer(
             if the groups are used for clipping bounds).
         depth_or_regex:
             * ``None`` (default): :data:`LAYER_REGEX` -- ``encoder.layers.3.ffn.w`` goes to
-              ``encoder.layers.3``; a name outside any ``layers.<i>`` goes to its
-              top-level module (``head.weight`` to ``head``).
+              ``encoder.layers.3``, ``encoder.subsampling.conv1.weight`` to
+              ``encoder.subsampling``, ``encoder.conformer.norm.norm.weight`` to
+              ``encoder.conformer.norm``, ``model.ctc_head.bias`` to ``model.ctc_head``; any
+              other name goes to its top-level module (``frontend.weight`` to ``frontend``).
             * an ``int`` :math:`d \ge 1`: the first :math:`d` dotted components (never the
               full name of a parameter, so a module's weight and bias stay together).
             * a regex: the group is its first capture group (or whole match); names it
