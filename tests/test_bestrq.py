@@ -162,3 +162,33 @@ def test_loss_supports_per_example_gradients_with_torch_func():
         model.loss(batch.inputs[i:i + 1], lens[i:i + 1], batch.targets[i:i + 1], batch.mask[i:i + 1]).backward()
         for name, p in wrapper.named_parameters():
             torch.testing.assert_close(per_example[name][i], p.grad, rtol=1e-4, atol=1e-6)
+
+
+# -- the Brains: one recipe, two training steps ----------------------------------------------
+def test_one_recipe_under_the_per_core_and_the_dp_step():
+    """BestRQRecipe's methods in both Brains; the DP Brain has no per-core part, so ghost needs no workaround."""
+    from privasr.brain import PerCoreBrain, PrivasrBrain
+    from privasr.dp.brain import DPSGDBrain, make_dp_brain
+    from privasr.ssl.brain import BestRQBrain, BestRQRecipe, DPBestRQBrain
+
+    assert BestRQBrain.__mro__[1:4] == (BestRQRecipe, PerCoreBrain, PrivasrBrain)
+    assert DPBestRQBrain.__mro__[1:4] == (DPSGDBrain, BestRQRecipe, PrivasrBrain)
+    assert make_dp_brain(BestRQRecipe).__mro__[1:] == DPBestRQBrain.__mro__[1:]
+    assert DPBestRQBrain.__module__ == "privasr.ssl.brain" and DPBestRQBrain.__name__ == "DPBestRQBrain"
+    for hook in ("batch_to_tensors", "shard_loss", "example_losses", "shard_loss_reduction", "compute_forward",
+                 "compute_objectives", "on_stage_start", "export_encoder"):
+        assert getattr(BestRQBrain, hook) is getattr(DPBestRQBrain, hook) is getattr(BestRQRecipe, hook), hook
+    hparams = dict(noise_multiplier=1.0, clip_bound=1.0, dp_batch_size=2.0, delta=1e-5, core_grad_mode="ghost")
+    brain = DPBestRQBrain(modules={"bestrq": make()}, opt_class=lambda p: torch.optim.SGD(p, lr=0.1),
+                          hparams=hparams, run_opts={"device": "cpu"})
+    assert brain.hparams.core_grad_mode == brain.dp.grad_mode == "ghost"
+    assert not any(hasattr(brain, a) for a in ("clip_config", "_accumulator", "_clip_monitor", "_core_log"))
+    model = make()
+    feats, lens = data()
+    batch = model.prepare(feats, lens)
+    tensors = (batch.inputs, lens, batch.targets, batch.mask)
+    brain.modules.bestrq.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        per_example = brain.example_losses(*tensors)
+        alone = [float(brain.shard_loss(*(t[i:i + 1] for t in tensors))) for i in range(4)]
+    assert per_example.tolist() == pytest.approx(alone, rel=1e-5)  # entry i: example i's shard loss alone

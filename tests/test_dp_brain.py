@@ -7,6 +7,7 @@ import speechbrain as sb
 import torch
 
 from privasr.accounting import epsilon
+from privasr.brain import PrivasrBrain
 from privasr.dp.brain import DPSGDBrain, make_dp_brain
 from privasr.dp.poisson import EmptyBatch
 from privasr.dp.per_layer import layer_bounds
@@ -263,13 +264,25 @@ def test_batch_larger_than_the_data_and_dataloaders_are_refused():
         make_brain(hparams(), run_opts={"grad_accumulation_factor": 2})
 
 
-def test_make_dp_brain_swaps_only_the_training_step():
-    toy = make_toy_brain(dict(clipping="none"))
-    dp_class = make_dp_brain(type(toy))
-    assert dp_class.__mro__[1] is DPSGDBrain and dp_class.__name__ == "DPToyBrain"
+class ToyRecipe(PrivasrBrain):
+    """The recipe part of ToyDPBrain, with no training step of its own."""
+
+    batch_to_tensors = ToyDPBrain.batch_to_tensors
+    shard_loss = ToyDPBrain.shard_loss
+
+
+def test_make_dp_brain_adds_only_the_training_step():
+    dp_class = make_dp_brain(ToyRecipe)
+    assert dp_class.__mro__[1:3] == (DPSGDBrain, ToyRecipe) and dp_class.__name__ == "DPToyRecipe"
+    assert make_dp_brain(ToyRecipe, "ToyDP").__name__ == "ToyDP" and make_dp_brain(dp_class) is dp_class
     brain = dp_class(modules={"model": mlp()}, opt_class=lambda p: torch.optim.SGD(p, lr=0.1),
                      hparams=hparams(), run_opts={"device": "cpu"})
     fit(brain, dataset())
     assert brain.ledger.steps == 10
-    with pytest.raises(ValueError, match="PrivasrBrain subclass"):
+    same = make_brain(hparams(), lr=0.1)  # the same recipe written on DPSGDBrain directly: the same run
+    assert torch.equal(flat_params(brain), fit(same, dataset()))
+    with pytest.raises(ValueError, match="PrivasrBrain"):
         make_dp_brain(sb.Brain)
+    per_core = type(make_toy_brain(dict(clipping="none")))  # a recipe with the per-core step: refused, saying how
+    with pytest.raises(ValueError, match=r"ToyBrain is a PerCoreBrain .* make_dp_brain\(ToyBrainRecipe\)"):
+        make_dp_brain(per_core)

@@ -30,8 +30,9 @@ ever see the trained parameters.
 :class:`DPSGDBrain` is a sibling of :class:`privasr.brain.PerCoreBrain` over the shared
 infrastructure :class:`privasr.brain.PrivasrBrain` (no DDP wrapper, atomic checkpoints, RNG
 state, counters) and keeps the recipe contract: a recipe defines ``batch_to_tensors(batch)`` and
-``shard_loss(*tensors)`` (plus SpeechBrain's evaluation methods), and its DP version is
-``make_dp_brain(RecipeBrain)`` -- nothing else changes.
+``shard_loss(*tensors)`` (plus SpeechBrain's evaluation methods) in a class over
+``PrivasrBrain`` with no training step, and its DP version is ``make_dp_brain(Recipe)`` (its
+per-core version ``class Brain(Recipe, PerCoreBrain)``) -- nothing else changes.
 
 Before the private phase, :meth:`DPSGDBrain.public_warm_start` trains non-privately on a
 public subset (paper §4.2.1; an ordinary data-parallel step,
@@ -55,7 +56,8 @@ Hyper-parameters (all in the recipe's YAML):
 ``core_grad_mode``         ``loop`` | ``vmap`` per-example gradients, or ``ghost``: per-example
                            (per-layer) norms and the clipped sum with no per-example
                            gradient (:func:`privasr.dp.step.ghost_clipped_sum`; default ``loop``)
-``layer_regex``            layer grouping for per-layer clipping and freezing
+``layer_regex``            layer grouping for per-layer clipping and freezing (default
+                           :data:`privasr.dp.per_layer.LAYER_REGEX`)
 ``privacy_file``           JSON results (default ``<output_folder>/privacy.json``)
 ``warm_start_epochs``      epochs over the public set (warm-start; default 0)
 ``warm_start_opt_class``   optimizer of the warm-start (default ``opt_class``)
@@ -81,11 +83,11 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from privasr.accounting import ACCOUNTANTS, PrivacyLedger, max_steps_within
-from privasr.brain import PrivasrBrain
+from privasr.brain import PerCoreBrain, PrivasrBrain
 from privasr.distributed import world_info
 from privasr.dp.memory import estimate, trace_layers
 from privasr.dp.noise import NoiseSource
-from privasr.dp.per_layer import CLIP_MODES, PerLayerClipper
+from privasr.dp.per_layer import CLIP_MODES, LAYER_REGEX, PerLayerClipper
 from privasr.dp.poisson import EmptyBatch, PoissonBatchSampler, poisson_dataloader
 from privasr.dp.report import privacy_summary, report_privacy
 from privasr.dp.step import DPSGDStep, DPStepStats
@@ -96,9 +98,6 @@ from privasr.private_step import CORE_GRAD_MODES, PerCoreClipping
 
 logger = logging.getLogger(__name__)
 
-#: Default layer grouping: each ``layers.<i>`` block, the conv front end, the final norm
-#: and each head is one layer (anything else falls back to its top-level module).
-LAYER_REGEX = r"^(.*?\blayers\.\d+|.*?\bsubsampling|.*?\bconformer\.norm|.*?\w*head)\."
 
 # -- configuration -----------------------------------------------------------------------
 def _required(hparams, name: str):
@@ -172,14 +171,7 @@ class DPSGDBrain(PrivasrBrain):
     """A privasr Brain whose training step is DP-SGD (see the module docstring)."""
 
     def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
-        # DP-SGD's core_grad_mode is DPConfig.grad_mode, used by this class's own fit_batch. A recipe
-        # Brain that is a PerCoreBrain (BestRQBrain, ASRBrain) brings the per-core step's config into
-        # the MRO, which refuses 'ghost' for a Brain with its own fit_batch; it is built with loop and
-        # the DP mode is restored on self.hparams after.
-        hparams = dict(hparams or {})
-        grad_mode = hparams.get("core_grad_mode", "loop")
-        super().__init__(modules, opt_class, {**hparams, "core_grad_mode": "loop"}, run_opts, checkpointer)
-        self.hparams.core_grad_mode = grad_mode
+        super().__init__(modules, opt_class, hparams, run_opts, checkpointer)
         self.dp = DPConfig.from_hparams(self.hparams)
         if self.dp.grad_mode == "ghost":
             self._ghost_loss()  # refused now, not at the first step, when the recipe cannot say its per-example losses
@@ -320,7 +312,7 @@ class DPSGDBrain(PrivasrBrain):
         example_losses = getattr(self, "example_losses", None)
         if example_losses is not None:
             return example_losses
-        # a recipe hook of the per-core Brains (PerCoreBrain.shard_loss_reduction); "mean" when absent
+        # the recipe's optional hook (documented at PerCoreBrain.shard_loss_reduction); "mean" when absent
         reduction = getattr(self, "shard_loss_reduction", lambda: "mean")()
         if reduction not in ("mean", "sum"):
             raise ValueError(
@@ -488,17 +480,28 @@ class DPSGDBrain(PrivasrBrain):
             self.freezer.save(path)
 
 
+def make_dp_brain(recipe: type, name: Optional[str] = None) -> type:
+    """The DP-SGD Brain of a recipe: ``class DP<Recipe>(DPSGDBrain, recipe)`` (or ``name``).
 
-def make_dp_brain(base: type) -> type:
-    """The DP-SGD version of a recipe's Brain: ``class DP<Base>(DPSGDBrain, Base)``.
-
-    ``base`` must be a :class:`~privasr.brain.PrivasrBrain` subclass, e.g. a recipe's
-    :class:`~privasr.brain.PrivateBrain` (it provides ``batch_to_tensors``/``shard_loss`` and the
-    evaluation); DPSGDBrain replaces its training step and training loader and adds accounting,
-    warm-start and freezing.
+    ``recipe`` is the recipe part of a Brain: a :class:`~privasr.brain.PrivasrBrain` subclass
+    that defines ``batch_to_tensors``/``shard_loss`` and the evaluation but no training step
+    (e.g. :class:`privasr.ssl.brain.BestRQRecipe`); DPSGDBrain adds its training step, training
+    loader, accounting, warm-start and freezing. A :class:`~privasr.brain.PerCoreBrain` is
+    refused: its per-core step and state would come along, unused, and its checks would judge
+    DP-SGD's settings (e.g. refuse ``core_grad_mode: ghost``, which DP-SGD implements itself).
     """
-    if not (isinstance(base, type) and issubclass(base, PrivasrBrain)):
-        raise ValueError(f"make_dp_brain needs a PrivasrBrain subclass (e.g. a recipe's PrivateBrain), got {base!r}")
-    if issubclass(base, DPSGDBrain):
-        return base
-    return type(f"DP{base.__name__}", (DPSGDBrain, base), {"__doc__": f"DP-SGD training of {base.__name__}."})
+    if not (isinstance(recipe, type) and issubclass(recipe, PrivasrBrain)):
+        raise ValueError(f"make_dp_brain needs a recipe class over PrivasrBrain (batch_to_tensors, shard_loss, "
+                         f"evaluation; e.g. privasr.ssl.brain.BestRQRecipe), got {recipe!r}")
+    if issubclass(recipe, DPSGDBrain):
+        return recipe
+    if issubclass(recipe, PerCoreBrain):
+        raise ValueError(f"make_dp_brain needs the recipe without a training step, but {recipe.__name__} is a "
+                         f"PerCoreBrain (the per-core step): move its recipe methods into a class over "
+                         f"PrivasrBrain, e.g. {recipe.__name__}Recipe, and build both Brains from it: "
+                         f"class {recipe.__name__}({recipe.__name__}Recipe, PerCoreBrain) and "
+                         f"make_dp_brain({recipe.__name__}Recipe) (as privasr.ssl.brain does for BEST-RQ)")
+    name = name or f"DP{recipe.__name__}"
+    # __module__: the recipe's, so that the class is found (pickle, logs) where the recipe lives
+    return type(name, (DPSGDBrain, recipe), {"__doc__": f"DP-SGD training of {recipe.__name__}.",
+                                             "__module__": recipe.__module__})

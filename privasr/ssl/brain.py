@@ -1,7 +1,14 @@
 r"""BEST-RQ pre-training Brains: non-private (:class:`BestRQBrain`) and DP-SGD (:class:`DPBestRQBrain`).
 
-The training step follows :class:`privasr.brain.PrivateBrain`'s contract. Everything random
-or parameter-free happens once per batch, outside any per-example transform::
+The recipe, :class:`BestRQRecipe`, is written once and combined with either training step::
+
+    BestRQRecipe(PrivasrBrain)                  batch_to_tensors, shard_loss, example_losses, evaluation, export
+    BestRQBrain(BestRQRecipe, PerCoreBrain)     + the per-core step (privasr.brain)
+    DPBestRQBrain = make_dp_brain(BestRQRecipe)  = (DPSGDBrain, BestRQRecipe): + the DP-SGD step (privasr.dp.brain)
+
+so the DP Brain carries no per-core state. The recipe follows :class:`privasr.brain.PrivasrBrain`'s
+contract. Everything random or parameter-free happens once per batch, outside any per-example
+transform::
 
     batch_to_tensors:  wavs -> fbanks (encoder.features) -> BestRQ.prepare
                        = (noised inputs, lengths, codebook targets, span mask)
@@ -14,8 +21,8 @@ so per-example gradients (loop or ``vmap``) see a deterministic function of the 
 Validation masks with a fixed generator (``valid_mask_seed``), so the validation loss and
 masked-frame accuracy of different epochs are comparable; training masks are unaffected.
 
-:class:`DPBestRQBrain` is ``DPSGDBrain`` + ``BestRQBrain``: public warm-start with
-LayerFreeze scores, freezing, then DP-SGD (see :mod:`privasr.dp.brain`).
+:class:`DPBestRQBrain`: public warm-start with LayerFreeze scores, freezing, then DP-SGD (see
+:mod:`privasr.dp.brain`).
 """
 from __future__ import annotations
 
@@ -26,19 +33,27 @@ import speechbrain as sb
 import torch
 import torch.nn.functional as F
 
-from privasr.brain import PrivateBrain
-from privasr.dp.brain import DPSGDBrain
+from privasr.brain import PrivasrBrain, PrivateBrain
+from privasr.dp.brain import make_dp_brain
 from privasr.ssl.pretrained import export_encoder
 
-__all__ = ["BestRQBrain", "DPBestRQBrain"]
+__all__ = ["BestRQBrain", "BestRQRecipe", "DPBestRQBrain"]
 
 logger = logging.getLogger(__name__)
 
 
-class BestRQBrain(PrivateBrain):
-    """BEST-RQ masked prediction of random-projection codes (``modules.bestrq``)."""
+class BestRQRecipe(PrivasrBrain):
+    """BEST-RQ masked prediction of random-projection codes (``modules.bestrq``), without a training step.
 
-    # -- training (the PrivateBrain contract) ---------------------------------------------
+    The recipe part of the BEST-RQ Brains: the tensors and losses the training steps differentiate,
+    the evaluation and the export. It derives from :class:`~privasr.brain.PrivasrBrain` (not from
+    ``object``) so that in ``(DPSGDBrain, BestRQRecipe)`` its methods still come before the
+    infrastructure base's and ``sb.Brain``'s defaults in the MRO, and ``DPSGDBrain.on_stage_end``'s
+    ``super()`` reaches :meth:`on_stage_end` here. Alone it has no private step: train
+    :class:`BestRQBrain` or :class:`DPBestRQBrain`.
+    """
+
+    # -- training (the PrivasrBrain recipe contract) -----------------------------------------
     def batch_to_tensors(self, batch):
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
@@ -56,7 +71,8 @@ class BestRQBrain(PrivateBrain):
 
     def shard_loss_reduction(self):
         """None: BEST-RQ's loss is a mean over masked frames pooled across the shard's examples, not a mean of
-        per-example losses, so ``core_grad_mode: ghost`` (one forward of the whole batch) would be inexact: refused."""
+        per-example losses, so the per-core step's ``core_grad_mode: ghost`` (one forward of the whole batch) would
+        be inexact and is refused; DP-SGD's ghost differentiates :meth:`example_losses` instead."""
         return None
 
     # -- evaluation ------------------------------------------------------------------------
@@ -122,5 +138,9 @@ class BestRQBrain(PrivateBrain):
         return path
 
 
-class DPBestRQBrain(DPSGDBrain, BestRQBrain):
-    """BEST-RQ pre-training with public warm-start, LayerFreeze and DP-SGD."""
+class BestRQBrain(BestRQRecipe, PrivateBrain):
+    """Non-private (or per-core clipped) BEST-RQ pre-training: the recipe with the per-core step."""
+
+
+#: BEST-RQ pre-training with public warm-start, LayerFreeze and DP-SGD: ``(DPSGDBrain, BestRQRecipe)``.
+DPBestRQBrain = make_dp_brain(BestRQRecipe, "DPBestRQBrain")
