@@ -357,10 +357,18 @@ def _root(t: torch.Tensor) -> torch.Tensor:
     return t if t._base is None else t._base
 
 
+_IN_PLACE: dict = {}  # func -> whether its name says it writes its first argument (looked up once per func)
+
+
 def _writes_in_place(func, kwargs) -> bool:
-    name = getattr(func, "__name__", "")
-    return ("out" in kwargs or name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
-            or (name.startswith("__i") and name.endswith("__")))
+    if "out" in kwargs:
+        return True
+    flag = _IN_PLACE.get(func)
+    if flag is None:
+        name = getattr(func, "__name__", "")
+        flag = _IN_PLACE[func] = (name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+                                  or (name.startswith("__i") and name.endswith("__")))
+    return flag
 
 
 class _Recorder(TorchFunctionMode):
@@ -470,10 +478,17 @@ class _Recorder(TorchFunctionMode):
         return [] if name is None else [name]
 
     def _other_use(self, func, args, kwargs, out) -> None:
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if not any(t.requires_grad for t in outs):
+        # Called on (nearly) every operation of the forward: the common cases first, cheaply.
+        if isinstance(out, torch.Tensor):
+            if not out.requires_grad:
+                return
+        elif not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(out)[0]):
             return  # .size(), torch.equal, ... read a parameter without differentiating through it
-        for t in tree_flatten((args, kwargs))[0]:
+        flat = args if not kwargs and not any(isinstance(a, (list, tuple, dict)) for a in args) \
+            else tree_flatten((args, kwargs))[0]
+        for t in flat:
+            if not (isinstance(t, torch.nn.Parameter) or id(t) in self.aliases or id(t) in self.shared):
+                continue
             for name in self._tracked_all(t):
                 self.seen.add(name)
                 self._uncover(name, f"used by {getattr(func, '__name__', func)}")
