@@ -394,7 +394,7 @@ class PrivasrBrain(sb.Brain):
 
     # A SpeechBrain private method: the loader's generator must be reseeded on every rank before
     # the epoch's iterator is made, and the only public hook there, on_stage_start, is overridden by
-    # the recipes without calling super() (ASRBrain, BestRQBrain), which would silently drop it.
+    # the recipes without calling super() (ASRBrain, BestRQRecipe), which would silently drop it.
     def _fit_train(self, train_set, epoch, enable):
         generator = getattr(train_set, "privasr_epoch_generator", None)
         if generator is not None:
@@ -495,8 +495,7 @@ class PerCoreBrain(PrivasrBrain):
         self.clip_config = ClippingConfig.from_hparams(self.hparams)
         if self.clip_config.core_grad_mode == "ghost" and type(self).fit_batch is not PerCoreBrain.fit_batch:
             # ghost lives in the per-core step (_accumulate_cores); a Brain with its own fit_batch
-            # would otherwise run another mode under the name 'ghost' (DPSGDBrain over a PerCoreBrain
-            # recipe, e.g. DPBestRQBrain, builds this part with loop and runs its own ghost)
+            # would otherwise run another mode under the name 'ghost'
             raise ValueError(f"core_grad_mode 'ghost' is implemented by PrivateBrain's per-core step; "
                              f"{type(self).__name__} trains with its own fit_batch, which does not use it: "
                              f"choose loop or vmap")

@@ -297,8 +297,10 @@ def encoder_param_groups(model: nn.Module, encoder_prefix: str = "encoder"
     (Conformer blocks), ``final_norm``, then one group per remaining top-level
     child (e.g. ``ctc_head``). Every parameter belongs to exactly one group;
     names are those of ``model.named_parameters()`` (usable with
-    ``torch.func.functional_call``). Used for per-layer clipping and layer
-    freezing.
+    ``torch.func.functional_call``). A model-local view for inspection and tests:
+    per-layer clipping and layer freezing group by
+    :data:`privasr.dp.per_layer.LAYER_REGEX` on the Brain's names (tested to
+    give the same split on Conformer-CTC).
     """
     groups: "OrderedDict[str, List[str]]" = OrderedDict()
     for name, _ in model.named_parameters():
