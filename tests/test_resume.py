@@ -10,7 +10,8 @@ import torch
 
 from privasr.resume import PARTIAL_PREFIX, AtomicCheckpointer, capture_rng_state, make_atomic, restore_rng_state
 
-from .fault_injection import HAVE_TTS, LAUNCHER, TOY_TRAIN, kill_argv, quick_corpus, recipe_argv, run_python
+from .fault_injection import (HAVE_TTS, LAUNCHER, TOY_TRAIN, kill_argv, quick_corpus, recipe_argv, run_python,
+                              start_python)
 from .toy import make_toy_brain
 
 KILLED = -9  # subprocess.returncode of a process that died of SIGKILL
@@ -68,8 +69,7 @@ def test_ckpt_interval_steps_replaces_minutes():
 def test_toy_run_killed_four_times_ends_bit_identical(tmp_path):
     """SIGKILL mid-epoch, at an epoch's first step, during a checkpoint save, right after one; then finish."""
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
-    proc = run_python(TOY_TRAIN, uninterrupted)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = start_python(TOY_TRAIN, uninterrupted)  # the uninterrupted run, beside the killed ones
     starts = []
     for step, point in ((3, "step"), (5, "step"), (6, "save"), (7, "saved")):  # 4 steps an epoch, 2 epochs
         proc = run_python(LAUNCHER, *kill_argv(step, point), "--", TOY_TRAIN, resumed)
@@ -78,6 +78,8 @@ def test_toy_run_killed_four_times_ends_bit_identical(tmp_path):
         starts.append(proc.stdout.split("starts at optimizer step ")[1].split()[0])
     proc = run_python(TOY_TRAIN, resumed)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    _, stderr = reference.communicate(timeout=300)
+    assert reference.returncode == 0, stderr[-3000:]
     # resumed from: nothing, step 2 (intra-epoch), 4 (end of epoch 1), 5 (the save of 6 was never published), 7
     assert starts == ["0", "2", "4", "5"] and "starts at optimizer step 7" in proc.stdout
     expected, got = final(uninterrupted), final(resumed)
@@ -92,9 +94,10 @@ def test_recipe_killed_mid_epoch_resumes_to_the_same_model(tmp_path_factory):
     data = quick_corpus(tmp_path_factory.getbasetemp())
     work = tmp_path_factory.mktemp("recipe_resume")
     args = ("--number_of_epochs", "2", "--batch_size", "4", "--virtual_cores", "2", "--ckpt_interval_steps", "1")
-    proc = run_python(*recipe_argv(data, work / "uninterrupted", *args))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = start_python(*recipe_argv(data, work / "uninterrupted", *args))  # beside the killed run
     proc = run_python(LAUNCHER, *kill_argv(6), "--", *recipe_argv(data, work / "resumed", *args))
+    _, stderr = reference.communicate(timeout=300)
+    assert reference.returncode == 0, stderr[-3000:]
     assert proc.returncode == KILLED, proc.stdout[-2000:] + proc.stderr[-2000:]
     proc = run_python(*recipe_argv(data, work / "resumed", *args))
     assert proc.returncode == 0, proc.stderr[-3000:]
