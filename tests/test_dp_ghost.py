@@ -197,12 +197,14 @@ def test_memory_estimate_equals_the_hand_computed_bytes():
     assert est.trained_params == 70
     assert est.per_example_grads_batch == 3 * 70 * 4 and est.vmap_extra == 2 * 70 * 4
     assert est.activations == 2 * 4 * 6 * 4 + 2 * 4 * 5 * 4 + 2 * 20 * 4  # lin input, norm input, conv input
-    assert est.im2col == (2 * 4 * 5 * 3 - 2 * 20) * 4  # columns [n, G=5, L=4, k=3] less the conv input
-    assert est.output_grads == 3 * (2 * 4 * 5 * 4)
+    assert est.im2col == 0  # the conv is materialized by torch's weight-gradient kernel: no columns
+    assert est.output_grads == 2 * 4 * 5 * 4  # only the ghost-form Linear's output gradient is kept
+    assert est.kept_inputs == 2 * 4 * 6 * 4
     # lin bias; norm weight + bias; conv bias + weight (materialized); the scale (no traced call)
     assert est.materialized == (2 * 5 + 2 * 10 + 2 * 5 + 2 * 15 + 2 * 5) * 4
     assert est.gram_peak == 2 * 2 * 1 * 4 ** 2 * 4  # the Linear's two T x T Gram matrices
-    assert est.ghost_extra == 320 + 480 + 320 + 256
+    assert est.ghost_extra == 160 + 320 + 256
+    assert est.two_pass_peak == 256 + 2 * 5 * 4  # the Linear's Grams and its bias's per-example gradient
     assert "1 parameter(s) outside" in est.line()
 
 
