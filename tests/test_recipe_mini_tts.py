@@ -14,15 +14,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "egs", "mini_tts", "run.sh")
 
 
+# --quick true on a smaller corpus than quick's own (120 / 20 / 20; the canaries and holdout are quick's), passed to
+# every run on the module's corpus: every stage and check is the same with 10 training steps an epoch instead of 16
+# (70 utterances + 2 x 1 + 2 x 4 canary copies, batch 8): still one TensorBoard clipping record
+# (log_every_n_steps: 10), without --train_args (each costs run.sh a Python start-up to check them).
+QUICK = ("--quick", "true", "--corpus_args", "--num-train 70 --num-dev 10 --num-test 10")
+
+
 def run(*args, timeout=600):
     return subprocess.run(["bash", RUN, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def run_quick(*args):
+    """run.sh --quick true on the module's corpus size."""
+    return run(*QUICK, *args)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("mini_tts")
     data, exp = str(work / "data"), str(work / "exp")
-    result = run("--quick", "true", "--data", data, "--exp", exp, "--methods", "baseline pcc apcc", "--jobs", "2")
+    result = run_quick("--data", data, "--exp", exp, "--methods", "baseline pcc apcc", "--jobs", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return work, data, exp, result
 
@@ -58,7 +70,8 @@ def test_hyps_carry_the_per_utterance_loss_as_score(quick_run):
 
 def test_rerun_skips_work_already_done(quick_run):
     work, data, exp, _ = quick_run
-    result = run("--quick", "true", "--data", data, "--exp", exp, "--methods", "baseline pcc", "--stop_stage", "5")
+    # (--jobs 2: the two runs' checks side by side; skipping is what is checked, not the order)
+    result = run_quick("--data", data, "--exp", exp, "--methods", "baseline pcc", "--stop_stage", "5", "--jobs", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "baseline seed 1 already trained with these settings" in result.stdout
     assert "pcc seed 1 already decoded from this checkpoint" in result.stdout
@@ -73,8 +86,8 @@ def test_tokenizer_options_override_the_yaml(quick_run):
     other.mkdir()
     for name in ("train.csv", "dev.csv", "test.csv"):
         shutil.copy(os.path.join(data, name), other / name)
-    result = run("--quick", "true", "--data", str(other), "--tokenizer_type", "unigram", "--vocab_size", "60",
-                 "--stage", "3", "--stop_stage", "3")
+    result = run_quick("--data", str(other), "--tokenizer_type", "unigram", "--vocab_size", "60",
+                       "--stage", "3", "--stop_stage", "3")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     config = json.loads((other / "tokenizer" / "tokenizer.json").read_text())
     assert (config["model_type"], config["vocab_size"]) == ("unigram", 60)
@@ -84,8 +97,8 @@ def test_two_cpu_processes_train_under_torchrun(quick_run):
     """--nproc 2 on a machine without CUDA: gloo, 2 ranks x 2 virtual cores, a core log per rank."""
     work, data, _, _ = quick_run
     exp = str(work / "exp_nproc2")
-    result = run("--quick", "true", "--data", data, "--exp", exp, "--methods", "pcc", "--nproc", "2",
-                 "--virtual_cores", "2", "--stage", "4", "--stop_stage", "4")
+    result = run_quick("--data", data, "--exp", exp, "--methods", "pcc", "--nproc", "2",
+                       "--virtual_cores", "2", "--stage", "4", "--stop_stage", "4")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = os.path.join(exp, "pcc_k2_p2", "seed1")  # the run name says the settings given
     assert os.path.exists(os.path.join(run_dir, ".trained"))
@@ -100,8 +113,8 @@ def test_runs_trained_with_other_canaries_are_refused(quick_run):
     data2, exp2 = work / "data_changed", work / "exp_changed"
     shutil.copytree(data, data2)
     shutil.copytree(exp, exp2)
-    result = run("--quick", "true", "--data", str(data2), "--exp", str(exp2), "--methods", "baseline",
-                 "--canary_args", "--per-count 1 --counts 1 4 --holdout 20", "--stage", "2", "--stop_stage", "5")
+    result = run_quick("--data", str(data2), "--exp", str(exp2), "--methods", "baseline",
+                       "--canary_args", "--per-count 1 --counts 1 4 --holdout 20", "--stage", "2", "--stop_stage", "5")
     assert result.returncode == 2, result.stdout[-2000:]
     assert "FAILED: training baseline seed 1: train.py: error: " in result.stdout
     assert "holds a run made with other settings (data.canaries_csv: " in result.stdout
@@ -122,8 +135,8 @@ def test_old_transcripts_are_not_scored_against_remade_canaries(quick_run):
         writer = csv.DictWriter(handle, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
-    result = run("--quick", "true", "--data", str(data2), "--exp", str(exp2), "--methods", "pcc",
-                 "--stage", "6", "--stop_stage", "6")
+    result = run_quick("--data", str(data2), "--exp", str(exp2), "--methods", "pcc",
+                       "--stage", "6", "--stop_stage", "6")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "privasr.results: error: " in result.stderr and "decode again" in result.stderr
     assert (exp2 / "pcc" / "seed1" / "exposure_cer.json").read_text() == (
@@ -135,8 +148,8 @@ def test_the_header_example_gets_a_run_of_its_own(quick_run):
     work, data, exp, _ = quick_run
     exp2 = work / "exp_bound"
     shutil.copytree(exp, exp2)
-    result = run("--quick", "true", "--data", data, "--exp", str(exp2), "--methods", "pcc", "--clip_bound", "0.5",
-                 "--stage", "4", "--stop_stage", "6")
+    result = run_quick("--data", data, "--exp", str(exp2), "--methods", "pcc", "--clip_bound", "0.5",
+                       "--stage", "4", "--stop_stage", "6")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "training pcc seed 1 -> " + str(exp2 / "pcc_b0.5" / "seed1") in result.stdout
     fingerprint = json.load(open(exp2 / "pcc_b0.5" / "seed1" / "fingerprint.json"))
@@ -144,8 +157,8 @@ def test_the_header_example_gets_a_run_of_its_own(quick_run):
     report = (exp2 / "RESULTS.md").read_text()
     assert "| pcc_b0.5 | pcc, b=0.5, B=2, C=4 | 1 |" in report, report[:800]
     # a change the run name does not encode is refused, naming the key
-    result = run("--quick", "true", "--data", data, "--exp", str(exp2), "--methods", "pcc", "--stage", "4",
-                 "--stop_stage", "4", "--train_args", "--lr=0.01")
+    result = run_quick("--data", data, "--exp", str(exp2), "--methods", "pcc", "--stage", "4",
+                       "--stop_stage", "4", "--train_args", "--lr=0.01")
     assert result.returncode == 2
     assert "settings.lr: 0.001 there, 0.01 here" in result.stdout
 
