@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -37,6 +38,7 @@ from privasr.errors import UserError
 logger = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "fingerprint.json"
+ENV_FILE = "env.log"  # the environment a run trained in (SpeechBrain's name for it)
 TRANSCRIPTS_FILE = "provenance.json"
 INIT_FINGERPRINT_FILE = "init_fingerprint.json"  # a run started from another run's checkpoint keeps its record
 
@@ -203,8 +205,31 @@ def check_run_folder(output_folder, fingerprint: dict, save_dir=None) -> Optiona
 
 
 def record_run(output_folder, fingerprint: dict) -> None:
-    """Write ``fingerprint.json`` (atomically)."""
+    """Write ``fingerprint.json`` (atomically) and ``env.log`` (:func:`environment_description`)."""
     write_json(Path(output_folder) / FINGERPRINT_FILE, fingerprint)
+    (Path(output_folder) / ENV_FILE).write_text(environment_description(), encoding="utf-8")
+
+
+def environment_description() -> str:
+    """SpeechBrain's ``env.log`` sections (Python, installed packages, code version, CUDA), read in milliseconds.
+
+    SpeechBrain writes it with ``pip freeze`` (2-5 s at every start of a train.py); the installed
+    distributions' metadata gives the same ``name==version`` list without a subprocess. Recipes
+    call ``create_experiment_directory(..., save_env_desc=False)`` and this instead.
+    """
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    packages = sorted({f"{dist.metadata['Name']}=={dist.version}" for dist in metadata.distributions()
+                       if dist.metadata["Name"]}, key=str.lower)
+    cuda = f"CUDA version:\n{torch.version.cuda}" if torch.cuda.is_available() else "CUDA not available"
+    rule = "==============================\n"
+    return (f"privasr system description (SpeechBrain's env.log sections)\n{rule}"
+            f"Python version:\n{sys.version} ({platform.platform()})\n{rule}"
+            "Installed Python packages:\n" + "\n".join(packages) + f"\n{rule}"
+            f"Code version:\n{code_version()}\n{rule}{cuda}\n")
 
 
 def claim_run_folder(hparams: Mapping, run_opts: Optional[Mapping] = None, needs_checkpoint: bool = False) -> dict:

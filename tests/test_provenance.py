@@ -146,3 +146,30 @@ def test_describe_run_names_bound_per_core_batch_and_cores(hparams):
     assert pv.describe_run(pv.training_fingerprint({**hparams, "clipping": "apcc"})) == "apcc, B=2, C=4"
     assert pv.describe_run(pv.training_fingerprint({**hparams, "clipping": "pec"})) == "pec, b=1.0, B=1, C=8"
     assert pv.describe_run(None) == "–"
+
+
+def test_env_log_lists_what_pip_freeze_lists_without_running_it(tmp_path):
+    """record_run's env.log (recipes pass save_env_desc=False to SpeechBrain) names every package pip freeze names."""
+    import re
+    import subprocess
+    import sys
+
+    import speechbrain
+    import torch
+
+    from privasr.provenance import ENV_FILE, code_version, record_run
+
+    record_run(tmp_path, {"settings": {}})
+    text = (tmp_path / ENV_FILE).read_text(encoding="utf-8")
+
+    def canonical(line):
+        name, _, version = line.partition("==")
+        return re.sub(r"[-_.]+", "-", name).lower() + "==" + version
+
+    ours = {canonical(line) for line in text.splitlines() if "==" in line}
+    freeze = subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout
+    pinned = {canonical(line) for line in freeze.splitlines() if "==" in line and " @ " not in line and not line.startswith("#")}
+    assert pinned and pinned <= ours
+    assert canonical(f"torch=={torch.__version__}") in ours
+    assert canonical(f"speechbrain=={speechbrain.__version__}") in ours
+    assert code_version() in text and sys.version in text

@@ -76,7 +76,8 @@ def main(argv):
     fingerprint = claim_run_folder(hparams, run_opts, needs_checkpoint=hparams["mode"] == "decode")
     data = load_datasets(hparams)  # every manifest and audio file checked before anything is written
     sb.utils.distributed.ddp_init_group(run_opts)
-    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides)
+    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides,
+                                 save_env_desc=False)  # env.log: record_run, without pip freeze
     if sb.utils.distributed.if_main_process():
         record_run(hparams["output_folder"], fingerprint)
     brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,

@@ -73,7 +73,8 @@ def main(argv):
         raise UserError(str(err)) from None
     fingerprint = claim_run_folder(hparams, run_opts)  # a folder pre-trained with other settings is refused
     sb.utils.distributed.ddp_init_group(run_opts)
-    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides)
+    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides,
+                                 save_env_desc=False)  # env.log: record_run, without pip freeze
     if sb.utils.distributed.if_main_process():
         record_run(hparams["output_folder"], fingerprint)
     try:
