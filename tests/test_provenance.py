@@ -154,9 +154,6 @@ def test_env_log_lists_what_pip_freeze_lists_without_running_it(tmp_path):
     import subprocess
     import sys
 
-    import speechbrain
-    import torch
-
     from privasr.provenance import ENV_FILE, code_version, record_run
 
     record_run(tmp_path, {"settings": {}})
@@ -170,6 +167,5 @@ def test_env_log_lists_what_pip_freeze_lists_without_running_it(tmp_path):
     freeze = subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout
     pinned = {canonical(line) for line in freeze.splitlines() if "==" in line and " @ " not in line and not line.startswith("#")}
     assert pinned and pinned <= ours
-    assert canonical(f"torch=={torch.__version__}") in ours
-    assert canonical(f"speechbrain=={speechbrain.__version__}") in ours
+    assert {"torch", "speechbrain", "privasr"} <= {line.partition("==")[0] for line in ours}
     assert code_version() in text and sys.version in text
