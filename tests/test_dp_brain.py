@@ -125,7 +125,7 @@ def reference_params(mode, brain_sampler, epochs=1, regex=r"^(model\.\d+)\."):
                 norms = [math.sqrt(sum(float(g.pow(2).sum()) for g, k in zip(grads, groups) if k == grp))
                          for grp in range(len(bounds))]
                 for t, g, k in zip(total, grads, groups):
-                    t += g * min(1.0, bounds[k] / (norms[k] + 1e-6))
+                    t += g * (min(1.0, bounds[k] / norms[k]) if norms[k] > 0 else 1.0)
             with torch.no_grad():
                 for (_, p), t in zip(named, total):
                     p -= t / BATCH

@@ -29,7 +29,7 @@ def batch(n=5, seed=1):
 
 def reference_update(model, x, y, mode, noise_seed):
     r"""(1/qN) (sum_i clip(g_i) + N(0, sigma^2 C^2)), every piece written out: vmap per-example gradients,
-    per-group factors min(1, C_k / (||g_ik|| + 1e-6)), then the noise drawn parameter by parameter in order."""
+    per-group factors min(1, C_k / ||g_ik||) (1 at zero norm), then the noise drawn parameter by parameter in order."""
     params = {n: p.detach() for n, p in model.named_parameters()}
 
     def one(p, xi, yi):
@@ -48,7 +48,7 @@ def reference_update(model, x, y, mode, noise_seed):
             members = [n for n, k in zip(names, groups) if k == g]
             norm = math.sqrt(sum(float(per_example[n][i].double().pow(2).sum()) for n in members))
             for n in members:
-                summed[n] += per_example[n][i] * min(1.0, bound[g] / (norm + 1e-6))
+                summed[n] += per_example[n][i] * (min(1.0, bound[g] / norm) if norm > 0 else 1.0)
     gen = make_generator(noise_seed)
     return [(summed[n] + torch.randn(params[n].shape, generator=gen) * SIGMA * C) / QN for n in names]
 

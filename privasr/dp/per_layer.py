@@ -28,6 +28,8 @@ from typing import Dict, Iterable, List, Sequence, Tuple, Union
 
 import torch
 
+from privasr.clipping import clip_factors
+
 CLIP_MODES = ("flat", "uniform", "dim")
 
 #: The one default layer grouping (per-layer clipping, LayerFreeze, DP-SGD's ``layer_regex``):
@@ -38,8 +40,6 @@ CLIP_MODES = ("flat", "uniform", "dim")
 #: key, so the front end, the final norm and the head need their own alternatives: with
 #: ``layers.<i>`` alone they would all fall back to one group, ``bestrq`` (or ``model``).
 LAYER_REGEX = r"^(.*?\blayers\.\d+|.*?\bsubsampling|.*?\bconformer\.norm|.*?\w*head)\."
-
-_EPS = 1e-6
 
 
 def _group_name(name: str, depth_or_regex: Union[int, str, "re.Pattern"]) -> str:
@@ -142,7 +142,12 @@ def group_factors(sq_norms: torch.Tensor, finite: torch.Tensor, bounds: Sequence
 
     .. math::
 
-        f_{k,i} = \mathbb{1}[i \text{ finite}] \cdot \min\Big(1, \frac{C_k}{\|g_{i,k}\|_2 + 10^{-6}}\Big).
+        f_{k,i} = \mathbb{1}[i \text{ finite}] \cdot \min\Big(1, \frac{C_k}{\|g_{i,k}\|_2}\Big)
+        \quad (f_{k,i} = 1 \text{ at zero norm}),
+
+    per group exactly :func:`privasr.clipping.clip_factors` with ``pcc`` (the rule of per-example
+    and per-core clipping: one rule, no epsilon; Opacus adds 1e-6 to the norm, which changes
+    a factor by at most 1e-6 / ||g|| relative and is not needed for safety here).
 
     Args:
         sq_norms: ``[K, B]`` squared group norms :math:`\|g_{i,k}\|^2` (float64; zeros for
@@ -159,7 +164,7 @@ def group_factors(sq_norms: torch.Tensor, finite: torch.Tensor, bounds: Sequence
                          f"{tuple(sq_norms.shape)} and {tuple(finite.shape)}")
     norms = sq_norms.to(torch.float64).sqrt()
     bound = torch.tensor(list(bounds), dtype=torch.float64, device=norms.device).unsqueeze(1)
-    factors = (bound / (norms + _EPS)).clamp(max=1.0) * finite
+    factors = torch.stack([clip_factors(row, "pcc", float(b))[0] for row, b in zip(norms, bounds)]) * finite
     kept = int(finite.sum())
     clipped = ((norms > bound) & finite).sum(dim=1).double() / max(kept, 1)
     return factors, clipped.tolist()
