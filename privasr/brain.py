@@ -32,7 +32,7 @@ Subclasses implement two methods for training (evaluation keeps SpeechBrain's
 Hyper-parameters read from ``hparams`` (all declared in the recipe YAML):
 ``clipping``, ``clip_bound``, ``virtual_cores``, ``reduction``, ``core_grad_mode``
 (``loop`` | ``vmap`` | ``ghost``: see :func:`privasr.private_step.accumulate_cores`; ghost needs
-:meth:`PrivateBrain.shard_loss_reduction`), ``log_every_n_steps``, ``tensorboard_dir`` (optional),
+:meth:`PrivasrBrain.shard_loss_reduction`), ``log_every_n_steps``, ``tensorboard_dir`` (optional),
 ``core_log_dir`` (optional: each core's norm, clip scale and :meth:`shard_labels` label
 per step, see :mod:`privasr.core_log`), and SpeechBrain's ``nonfinite_patience``,
 ``ckpt_interval_minutes`` / ``ckpt_interval_steps``.
@@ -351,6 +351,19 @@ class PrivasrBrain(sb.Brain):
         raise NotImplementedError(f"{type(self).__name__} must define shard_loss(*tensors) (the recipe contract of "
                                   "PrivasrBrain: the scalar mean loss of a shard)")
 
+    # -- an optional recipe hook (both steps' ghost mode) ---------------------------------
+    def shard_loss_reduction(self) -> Optional[str]:
+        """How :meth:`shard_loss` reduces over a shard's examples: ``"mean"`` (the default) or ``"sum"``.
+
+        An optional recipe hook, read by ``core_grad_mode: ghost`` of both steps (the per-core one
+        and DP-SGD's without ``example_losses``), which runs every core in ONE forward of the batch and
+        needs the batch's loss to be the sum of the cores' losses; that holds when the shard loss
+        is the mean (or the sum) over its examples of a per-example loss. A recipe whose loss is
+        neither (e.g. a mean over frames pooled across the shard's examples) returns ``None``, and
+        ghost is refused with an error; loop and vmap do not use this.
+        """
+        return "mean"
+
     # -- distributed set-up: no DDP wrapper -------------------------------------------
     # A SpeechBrain private method: sb.Brain wraps the modules in DDP whenever a process group
     # exists, and offers no public option to keep them bare; DDP would all-reduce the UNCLIPPED
@@ -509,17 +522,6 @@ class PerCoreBrain(PrivasrBrain):
             ClippingMonitor() if self.clip_config.clipping in ("pcc", "pec", "global") else None)
 
     # -- optional recipe hooks of the per-core step ----------------------------------------
-    def shard_loss_reduction(self) -> Optional[str]:
-        """How :meth:`shard_loss` reduces over a shard's examples: ``"mean"`` (the default) or ``"sum"``.
-
-        Read by ``core_grad_mode: ghost``, which runs every core in ONE forward of the batch and
-        needs the batch's loss to be the sum of the cores' losses; that holds when the shard loss
-        is the mean (or the sum) over its examples of a per-example loss. A recipe whose loss is
-        neither (e.g. a mean over frames pooled across the shard's examples) returns ``None``, and
-        ghost is refused with an error; loop and vmap do not use this.
-        """
-        return "mean"
-
     def trim_shard(self, *tensors) -> tuple:
         """Optional: a core's tensors without the padding it does not need (``trim_shards: true``, loop mode).
 

@@ -312,8 +312,7 @@ class DPSGDBrain(PrivasrBrain):
         example_losses = getattr(self, "example_losses", None)
         if example_losses is not None:
             return example_losses
-        # the recipe's optional hook (documented at PerCoreBrain.shard_loss_reduction); "mean" when absent
-        reduction = getattr(self, "shard_loss_reduction", lambda: "mean")()
+        reduction = self.shard_loss_reduction()  # the recipe's optional hook (PrivasrBrain's default: "mean")
         if reduction not in ("mean", "sum"):
             raise ValueError(
                 f"core_grad_mode 'ghost' needs each example's loss from one forward of the batch, but "
