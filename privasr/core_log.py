@@ -36,6 +36,9 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from privasr.results_md import table_lines
+
+
 COLUMNS = ("step", "core", "norm", "scale", "label")
 FILE_PATTERN = "core_stats.rank*.csv"
 
@@ -177,23 +180,22 @@ def markdown_table(runs: dict[str, dict[int, dict[str, float]]], labels: Iterabl
     """
     labels = list(labels)
     canary_labels = [lab for lab in labels if lab != 0]
-    head = "| run | " + " | ".join(f"{label_name(lab)}: norm / scale" for lab in labels) + " |"
+    header = ["run"] + [f"{label_name(lab)}: norm / scale" for lab in labels]
     if r is not None:
         counts = " / ".join(f"x{lab}" for lab in canary_labels)
         predicted = f"r = {float(r):.3g}" if not isinstance(r, Mapping) else counts
-        head += (f" normal / canary clip scale, measured ({counts}) |"
-                 f" predicted from r, √(r²+B−1)/√B ({predicted}) |")
-    lines = [head, "|---" * (len(labels) + 1 + (2 if r is not None else 0)) + "|"]
+        header += [f"normal / canary clip scale, measured ({counts})", f"predicted from r, √(r²+B−1)/√B ({predicted})"]
+    rows = []
     for name, summary in runs.items():
-        cells = []
+        cells = [name]
         for lab in labels:
             s = summary.get(lab)
             cells.append("–" if s is None else f"{s['norm_p50']:.3g} / {s['scale_p50']:.3g}")
         if r is not None:
             cells += [_measured_ratios(summary, canary_labels),
                       _predicted_ratios(r, None if per_core is None else per_core.get(name), canary_labels)]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return "\n".join(table_lines(header, rows))
 
 
 def _measured_ratios(summary: dict[int, dict[str, float]], canary_labels: list[int]) -> str:

@@ -56,6 +56,7 @@ from scipy import stats
 
 from privasr.canaries import read_canaries
 from privasr.data.manifest import Utterance, read_manifest, read_table
+from privasr.results_md import table_lines
 
 __all__ = [
     "METRICS", "METHODS", "TIES", "DIRECTIONS", "COMPARABLE_KEYS", "EXTRAPOLATION_CAP_BITS", "check_comparable",
@@ -247,11 +248,9 @@ def markdown_table(runs: Mapping[str, Mapping], digits: int = 1) -> str:
     ``runs`` maps a label to a ``by_insertions`` dict (keys may be ints or strings).
     """
     counts = sorted({int(k) for summary in runs.values() for k in summary})
-    lines = ["| Canary #Insertion | " + " | ".join(map(str, counts)) + " |", "|---" * (len(counts) + 1) + "|"]
-    for label, summary in runs.items():
-        cells = [_cell(summary.get(str(k), summary.get(k)), digits) for k in counts]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[label] + [_cell(summary.get(str(k), summary.get(k)), digits) for k in counts]
+            for label, summary in runs.items()]
+    return "\n".join(table_lines(["Canary #Insertion", *counts], rows)) + "\n"
 
 
 def _cell(entry: Mapping | None, digits: int) -> str:
