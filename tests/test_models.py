@@ -87,6 +87,33 @@ def test_padded_batch_equals_unpadded_forward(ctc_model):
         torch.testing.assert_close(log_probs[i, :n], single[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def ctc_model_20ms():
+    torch.manual_seed(0)
+    return ConformerCTC(vocab_size=10, subsampling_factor=2, **TINY).eval()
+
+
+def test_subsampling_factor_2_gives_20ms_frames_exact_under_padding(ctc_model_20ms):
+    """Factor 2: ceil(frames / 2) outputs (twice factor 4's), and padding still leaves valid frames unchanged."""
+    wavs, wav_lens = _batch()
+    log_probs, out_lens = ctc_model_20ms(wavs, wav_lens)
+    assert log_probs.shape == (3, math.ceil((max(LENGTHS) // 160 + 1) / 2), 10)
+    for i in range(3):
+        single, _ = ctc_model_20ms(_unpadded(i)[0][None], torch.ones(1))
+        n = single.shape[1]
+        assert n == math.ceil((LENGTHS[i] // 160 + 1) / 2)
+        assert round(out_lens[i].item() * log_probs.shape[1]) == n
+        torch.testing.assert_close(log_probs[i, :n], single[0], atol=1e-5, rtol=1e-4)
+
+
+def test_subsampling_factor_2_vmap_per_example_grads_equal_unpadded_loop(ctc_model_20ms):
+    def loss_of_one(params, wav, wav_len, tokens, token_len):
+        log_probs, out_lens = functional_call(ctc_model_20ms, params, (wav[None], wav_len[None]))
+        return ctc_model_20ms.loss(log_probs, out_lens, tokens[None], token_len[None], reduction="sum")
+
+    _assert_per_example_grads_match(ctc_model_20ms, loss_of_one)
+
+
 def test_no_batchnorm_anywhere(ctc_model, transducer_model):
     for model in (ctc_model, transducer_model):
         assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -257,6 +284,7 @@ def test_build_model_from_dict_and_overrides():
     (dict(size_or_dict="tiny", nhead=5), "divisible"),
     (dict(size_or_dict="tiny", dropout=1.5), "dropout"),
     (dict(size_or_dict="tiny", vocab_size=1), "vocab_size"),
+    (dict(size_or_dict="tiny", subsampling_factor=3), "subsampling_factor must be one of"),
 ])
 def test_bad_config_raises_value_error(kwargs, match):
     kwargs = {"vocab_size": 10, **kwargs}

@@ -48,6 +48,9 @@ def _parser() -> CliParser:
     p.add_argument("--speed", type=positive_float, default=4.0, help="sox tempo factor (default 4)")
     p.add_argument("--nj", type=positive_int, default=1, help="parallel synthesis jobs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frame-ms", type=positive_float, default=MIN_MS_PER_CHAR,
+                   help="the CTC model's output frame in ms, for the report of utterances with fewer than one frame "
+                        "a character (default %(default)g: subsampling_factor 4; 20 for factor 2)")
     return p
 
 
@@ -76,7 +79,7 @@ def _main(argv: Sequence[str] | None) -> None:
     for name, path in outputs.items():
         print(f"{name}: {path}")
     for name in ("canaries", "holdout"):
-        stats = char_duration_stats(read_manifest(outputs[name], check_audio=False), MIN_MS_PER_CHAR)
+        stats = char_duration_stats(read_manifest(outputs[name], check_audio=False), args.frame_ms)
         print(format_char_stats(name, stats))
 
 

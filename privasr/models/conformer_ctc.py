@@ -37,10 +37,12 @@ class ConformerCTC(nn.Module):
     d_model, num_layers, nhead, d_ffn, kernel_size, dropout, n_mels:
         see :class:`~privasr.models.encoder.ConformerEncoder`.
     subsampling_channels: channels of the conv front end (default ``d_model``).
+    subsampling_factor: 4 (40 ms output frames) or 2 (20 ms).
     spec_augment: optional SpecAugment module for :meth:`augment`.
 
     ``forward(wavs [B, N], wav_lens [B]) -> (log_probs [B, T, vocab_size], out_lens [B])``,
-    lengths relative, ``T = ceil(ceil((N // 160 + 1) / 2) / 2)`` (40 ms frames).
+    lengths relative, ``T = ceil(ceil((N // 160 + 1) / 2) / 2)`` (40 ms frames; ``ceil((N // 160 + 1) / 2)``, 20 ms, at
+    ``subsampling_factor=2``).
     """
 
     blank_id = 0
@@ -48,14 +50,14 @@ class ConformerCTC(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, num_layers: int, nhead: int,
                  d_ffn: int, kernel_size: int = 31, dropout: float = 0.1, n_mels: int = 80,
                  subsampling_channels: Optional[int] = None,
-                 spec_augment: Optional[nn.Module] = None):
+                 spec_augment: Optional[nn.Module] = None, subsampling_factor: int = 4):
         super().__init__()
         if not isinstance(vocab_size, int) or vocab_size < 2:
             raise ValueError(f"vocab_size must be an int >= 2 (blank + 1 token), got {vocab_size!r}")
         self.vocab_size = vocab_size
         self.encoder = ConformerEncoder(d_model, num_layers, nhead, d_ffn, kernel_size, dropout,
                                         n_mels, subsampling_channels=subsampling_channels,
-                                        spec_augment=spec_augment)
+                                        spec_augment=spec_augment, subsampling_factor=subsampling_factor)
         self.ctc_head = nn.Linear(d_model, vocab_size)
 
     def features(self, wavs: torch.Tensor, wav_lens: torch.Tensor

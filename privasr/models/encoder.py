@@ -51,6 +51,7 @@ __all__ = [
     "padding_mask",
     "UtteranceNorm",
     "Conv2dSubsampling",
+    "SUBSAMPLING_FACTORS",
     "MaskedConvolutionModule",
     "build_spec_augment",
     "ConformerEncoder",
@@ -103,31 +104,43 @@ class UtteranceNorm(nn.Module):
         return (x - mean) / torch.sqrt(var + self.eps) * valid
 
 
-class Conv2dSubsampling(nn.Module):
-    """Two ``Conv2d(kernel=3, stride=2, padding=1) + ReLU`` layers, then a
-    linear projection: ``[B, T, F] -> [B, ceil(ceil(T/2)/2), d_model]``.
+#: Frame-rate reductions :class:`Conv2dSubsampling` offers (10 ms fbank hop -> 40 or 20 ms frames).
+SUBSAMPLING_FACTORS = (4, 2)
 
-    Reduces the frame rate by 4 (10 ms fbank hop -> 40 ms encoder frames) and
-    the mel axis from ``F`` to ``ceil(ceil(F/2)/2)``. Padded frames are zeroed
-    before each convolution, so valid outputs equal those of the unpadded
-    utterance.
+
+class Conv2dSubsampling(nn.Module):
+    """Two ``Conv2d(kernel=3, padding=1) + ReLU`` layers, then a linear
+    projection: ``[B, T, F] -> [B, T', d_model]``.
+
+    Both convolutions halve the mel axis (``F -> ceil(ceil(F/2)/2)``). In time
+    the first always has stride 2 and the second stride 2 (``factor=4``: 40 ms
+    frames, ``T' = ceil(ceil(T/2)/2)``) or 1 (``factor=2``: 20 ms frames,
+    ``T' = ceil(T/2)``; twice the encoder frames, which a character CTC model
+    needs for speech faster than ~25 characters a second, e.g. 4x-speed
+    canaries). Padded frames are zeroed before each convolution, so valid
+    outputs equal those of the unpadded utterance.
     """
 
     def __init__(self, n_mels: int, d_model: int, channels: Optional[int] = None,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, factor: int = 4):
         super().__init__()
+        if factor not in SUBSAMPLING_FACTORS:
+            raise ValueError(f"subsampling_factor must be one of {SUBSAMPLING_FACTORS}, got {factor!r}")
         channels = channels or d_model
+        self.factor = factor
         self.conv1 = nn.Conv2d(1, channels, kernel_size=3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, stride=(factor // 2, 2), padding=1)
         self.activation = nn.ReLU()
         freq_out = (n_mels + 3) // 4  # ceil(ceil(F / 2) / 2)
         self.out = nn.Linear(channels * freq_out, d_model)
         self.dropout = nn.Dropout(dropout)
 
-    @staticmethod
-    def output_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Absolute input frames ``[B]`` -> absolute output frames ``[B]``."""
-        return _conv_out_len(_conv_out_len(lengths))
+        return self._second_out_len(_conv_out_len(lengths))
+
+    def _second_out_len(self, lengths: torch.Tensor) -> torch.Tensor:
+        return _conv_out_len(lengths) if self.factor == 4 else lengths
 
     @staticmethod
     def _zero_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -142,7 +155,7 @@ class Conv2dSubsampling(nn.Module):
         x = self._zero_padding(x.unsqueeze(1), lengths)
         lengths = _conv_out_len(lengths)
         x = self._zero_padding(self.activation(self.conv1(x)), lengths)
-        lengths = _conv_out_len(lengths)
+        lengths = self._second_out_len(lengths)
         x = self._zero_padding(self.activation(self.conv2(x)), lengths)
         batch, channels, time, freq = x.shape
         x = x.transpose(1, 2).reshape(batch, time, channels * freq)
@@ -203,7 +216,7 @@ def build_spec_augment(time_warp: int = 5, freq_masks: int = 2, freq_width: int 
 
 
 class ConformerEncoder(nn.Module):
-    """Waveforms -> Conformer encoder frames (40 ms).
+    """Waveforms -> Conformer encoder frames (40 ms, or 20 ms at ``subsampling_factor=2``).
 
     Arguments
     ---------
@@ -213,18 +226,19 @@ class ConformerEncoder(nn.Module):
     n_mels: mel filters of the fbank front end (25 ms window, 10 ms hop).
     sample_rate: of the input waveforms.
     subsampling_channels: channels of the conv front end (default ``d_model``).
+    subsampling_factor: 4 (40 ms frames) or 2 (20 ms), see :class:`Conv2dSubsampling`.
     spec_augment: optional module applied by :meth:`augment` in training mode
         (e.g. :func:`build_spec_augment`); ``None`` disables augmentation.
 
     Shapes: ``wavs [B, N]``, ``wav_lens [B]`` (relative) ->
     ``enc [B, T, d_model]``, ``enc_lens [B]`` (relative) with
-    ``T = ceil(ceil((N // 160 + 1) / 2) / 2)`` at 16 kHz.
+    ``T = ceil(ceil((N // 160 + 1) / 2) / 2)`` at 16 kHz (``ceil((N // 160 + 1) / 2)`` at factor 2).
     """
 
     def __init__(self, d_model: int, num_layers: int, nhead: int, d_ffn: int,
                  kernel_size: int = 31, dropout: float = 0.1, n_mels: int = 80,
                  sample_rate: int = 16000, subsampling_channels: Optional[int] = None,
-                 spec_augment: Optional[nn.Module] = None):
+                 spec_augment: Optional[nn.Module] = None, subsampling_factor: int = 4):
         super().__init__()
         _check_encoder_config(d_model, num_layers, nhead, d_ffn, kernel_size, dropout, n_mels)
         self.d_model = d_model
@@ -233,7 +247,8 @@ class ConformerEncoder(nn.Module):
                            win_length=25, hop_length=10)
         self.normalize = UtteranceNorm()
         self.spec_augment = spec_augment
-        self.subsampling = Conv2dSubsampling(n_mels, d_model, subsampling_channels, dropout)
+        self.subsampling = Conv2dSubsampling(n_mels, d_model, subsampling_channels, dropout,
+                                             subsampling_factor)
         self.pos_encoding = RelPosEncXL(d_model)
         self.conformer = SBConformerEncoder(
             num_layers=num_layers, d_model=d_model, d_ffn=d_ffn, nhead=nhead,

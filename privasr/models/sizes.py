@@ -34,7 +34,7 @@ from privasr.models.transducer import ConformerTransducer
 __all__ = ["SIZES", "PUBLISHED_PARAMS", "MODEL_KINDS", "get_size", "build_model", "count_parameters"]
 
 _ENCODER_KEYS = ("d_model", "num_layers", "nhead", "d_ffn", "kernel_size", "dropout",
-                 "n_mels", "subsampling_channels", "spec_augment")
+                 "n_mels", "subsampling_channels", "subsampling_factor", "spec_augment")
 _TRANSDUCER_KEYS = ("pred_dim", "pred_layers", "joint_dim")
 
 SIZES: Dict[str, Dict[str, Any]] = {

@@ -79,7 +79,7 @@ class ConformerTransducer(nn.Module):
         encoder, see :class:`~privasr.models.encoder.ConformerEncoder`.
     pred_dim, pred_layers: LSTM prediction network size.
     joint_dim: joint hidden size (default ``pred_dim``).
-    subsampling_channels, spec_augment: as for the encoder.
+    subsampling_channels, subsampling_factor, spec_augment: as for the encoder.
     """
 
     blank_id = 0
@@ -88,7 +88,7 @@ class ConformerTransducer(nn.Module):
                  d_ffn: int, kernel_size: int = 31, dropout: float = 0.1, n_mels: int = 80,
                  pred_dim: int = 320, pred_layers: int = 1, joint_dim: Optional[int] = None,
                  subsampling_channels: Optional[int] = None,
-                 spec_augment: Optional[nn.Module] = None):
+                 spec_augment: Optional[nn.Module] = None, subsampling_factor: int = 4):
         super().__init__()
         if not isinstance(vocab_size, int) or vocab_size < 2:
             raise ValueError(f"vocab_size must be an int >= 2 (blank + 1 token), got {vocab_size!r}")
@@ -97,7 +97,7 @@ class ConformerTransducer(nn.Module):
         self.vocab_size = vocab_size
         self.encoder = ConformerEncoder(d_model, num_layers, nhead, d_ffn, kernel_size, dropout,
                                         n_mels, subsampling_channels=subsampling_channels,
-                                        spec_augment=spec_augment)
+                                        spec_augment=spec_augment, subsampling_factor=subsampling_factor)
         self.predictor = PredictionNetwork(vocab_size, pred_dim, pred_layers, dropout, self.blank_id)
         self.joint = JointNetwork(d_model, pred_dim, joint_dim or pred_dim, vocab_size)
 
