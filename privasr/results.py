@@ -25,7 +25,8 @@ from pathlib import Path
 
 from privasr.exposure import markdown_table, plot_exposure, score_exposure, summarize_over_seeds
 from privasr.metrics import wer
-from privasr.provenance import ProvenanceError, check_references, check_transcripts, describe_run, read_fingerprint
+from privasr.provenance import (INIT_FINGERPRINT_FILE, ProvenanceError, check_references, check_transcripts,
+                                describe_run, read_fingerprint)
 from privasr.results_md import ResultsMarkdown, mean_std, write_atomic
 
 EXPOSURE_METRICS = {"cer": "CER", "score": "loss"}
@@ -90,12 +91,23 @@ def check_run_transcripts(run_dir: Path, canaries: Path, holdout: Path) -> None:
     check_references(run_dir / "hyps" / "holdout.csv", holdout)
 
 
-def run_settings(runs: list[dict]) -> str:
-    """A method's settings (b, B, C), and the seeds' count; seeds trained otherwise are refused."""
-    described = {r["settings"] for r in runs}
+def run_settings(runs: list[dict], key: str = "settings") -> str:
+    """A method's settings (b, B, C) or training; seeds trained otherwise are refused."""
+    described = {r[key] for r in runs}
     if len(described) > 1:
         raise ValueError(f"the seeds of one method were trained with other settings: {' / '.join(sorted(described))}")
     return described.pop()
+
+
+def run_training(run_dir: Path, fingerprint: dict) -> str:
+    """How a run was trained: its epochs with the canaries, and the canary-free pre-training it started
+    from (its epochs and record digest, from ``init_fingerprint.json``), if any."""
+    epochs = int(fingerprint["settings"]["number_of_epochs"])
+    init = run_dir / INIT_FINGERPRINT_FILE
+    if not init.is_file():
+        return f"{epochs} epochs with the canaries, from scratch"
+    before = int(json.loads(init.read_text(encoding="utf-8"))["settings"]["number_of_epochs"])
+    return f"{before} epochs without canaries (pre-training {fingerprint['init']}), then {epochs - before} with them"
 
 
 def collect(exp: Path, canaries: Path, holdout: Path, methods: list[str], seeds: list[str]) -> dict:
@@ -108,7 +120,9 @@ def collect(exp: Path, canaries: Path, holdout: Path, methods: list[str], seeds:
                 raise FileNotFoundError(f"{run_dir}/hyps/canaries.csv not found: run the decode stage (5) first")
             check_run_transcripts(run_dir, canaries, holdout)
             merge_hyps(run_dir)
-            runs.append({"seed": seed, "settings": describe_run(read_fingerprint(run_dir)), "wer": run_wers(run_dir),
+            fingerprint = read_fingerprint(run_dir)
+            runs.append({"seed": seed, "settings": describe_run(fingerprint),
+                         "training": run_training(run_dir, fingerprint), "wer": run_wers(run_dir),
                          "exposure": run_exposures(run_dir, canaries, holdout)})
         results[method] = runs
     return results
@@ -124,8 +138,9 @@ def write_results(exp: Path, results: dict) -> Path:
                      f"holdout |R| = {holdout_size} (exposure ceiling log2|R| = {math.log2(holdout_size):.2f} bits, "
                      "floor ≈ 1 bit).")
     report.heading("Runs")
-    report.table(["method", "settings (b: bound, B: per-core batch, C: cores)", "seeds"],
-                 [[method, run_settings(runs), len(runs)] for method, runs in results.items()])
+    report.table(["method", "settings (b: bound, B: per-core batch, C: cores)", "training", "seeds"],
+                 [[method, run_settings(runs), run_settings(runs, "training"), len(runs)]
+                  for method, runs in results.items()])
 
     def wer_cell(runs, name):
         return mean_std([r["wer"].get(name) for r in runs])

@@ -60,6 +60,31 @@ def test_quick_run_writes_every_table_and_plot(quick_run):
         assert f"] stage {n}: " in result.stdout
 
 
+def test_methods_fine_tune_one_shared_canary_free_pre_training(quick_run):
+    """--pretrain_epochs (quick: 1): one baseline on train.csv without canaries, then each method continues
+    from its checkpoint for --finetune_epochs (1) with them, carries its record, and is decoded at its last epoch."""
+    _, data, exp, result = quick_run
+    pretrain = os.path.join(exp, "pretrain")
+    recorded = json.load(open(os.path.join(pretrain, "fingerprint.json")))
+    assert recorded["data"]["canaries_csv"] is None and recorded["settings"]["clipping"] == "none"
+    assert recorded["settings"]["number_of_epochs"] == 1
+    assert "pre-train 1 epochs without canaries, then train (baseline pcc apcc)" in result.stdout
+    for method in ("baseline", "pcc", "apcc"):
+        run_dir = os.path.join(exp, method, "seed1")
+        assert json.load(open(os.path.join(run_dir, "init_fingerprint.json"))) == recorded
+        epochs = [line.split(" - ")[0] for line in open(os.path.join(run_dir, "train_log.txt")) if "train loss" in line]
+        assert epochs == ["epoch: 2"]  # one epoch, after the pre-training's
+        assert "Epoch loaded: 2" in open(os.path.join(run_dir, "train_log.txt")).read()
+    report = open(os.path.join(exp, "RESULTS.md")).read()
+    assert "| 1 epochs without canaries (pre-training " in report and "then 1 with them | 1 |" in report
+
+
+def test_number_of_epochs_with_a_pre_training_is_refused(tmp_path):
+    result = run("--train_args", "--number_of_epochs=3", "--exp", str(tmp_path / "exp"), "--data", str(tmp_path / "d"))
+    assert result.returncode == 2 and "--pretrain_epochs + --finetune_epochs: give those instead" in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
 def test_hyps_carry_the_per_utterance_loss_as_score(quick_run):
     _, _, exp, _ = quick_run
 
@@ -97,7 +122,7 @@ def test_two_cpu_processes_train_under_torchrun(quick_run):
     """--nproc 2 on a machine without CUDA: gloo, 2 ranks x 2 virtual cores, a core log per rank."""
     work, data, _, _ = quick_run
     exp = str(work / "exp_nproc2")
-    result = run_quick("--data", data, "--exp", exp, "--methods", "pcc", "--nproc", "2",
+    result = run_quick("--data", data, "--exp", exp, "--methods", "pcc", "--nproc", "2", "--pretrain_epochs", "0",
                        "--virtual_cores", "2", "--stage", "4", "--stop_stage", "4")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = os.path.join(exp, "pcc_k2_p2", "seed1")  # the run name says the settings given
@@ -155,12 +180,12 @@ def test_the_header_example_gets_a_run_of_its_own(quick_run):
     fingerprint = json.load(open(exp2 / "pcc_b0.5" / "seed1" / "fingerprint.json"))
     assert fingerprint["settings"]["clip_bound"] == 0.5
     report = (exp2 / "RESULTS.md").read_text()
-    assert "| pcc_b0.5 | pcc, b=0.5, B=2, C=4 | 1 |" in report, report[:800]
+    assert "| pcc_b0.5 | pcc, b=0.5, B=2, C=4 | 1 epochs without canaries (pre-training " in report, report[:800]
     # a change the run name does not encode is refused, naming the key
     result = run_quick("--data", data, "--exp", str(exp2), "--methods", "pcc", "--stage", "4",
                        "--stop_stage", "4", "--train_args", "--lr=0.01")
-    assert result.returncode == 2
-    assert "settings.lr: 0.001 there, 0.01 here" in result.stdout
+    assert result.returncode == 2  # (the shared pre-training is the first run refused)
+    assert "pre-training failed: " in result.stderr and "settings.lr: 0.001 there, 0.01 here" in result.stderr
 
 
 def test_jobs_must_be_a_whole_number():

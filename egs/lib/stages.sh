@@ -35,7 +35,10 @@
 #                                      FUNCTION ARGS... <the words of a line> per line, --jobs at a time
 #   stage_canaries CORPUS OUT ARGS...  canaries and holdout in OUT, inserted into CORPUS/train.csv
 #   stage_tokenizer DATA               the tokenizer of DATA/train.csv in DATA/tokenizer
-#   stage_train, stage_decode, stage_score   train / decode / score each of --methods x --seeds
+#   stage_train, stage_decode, stage_score   train / decode / score each of --methods x --seeds (stage_train first
+#                                      pre-trains $exp/pretrain with --pretrain_epochs > 0)
+#   pretrain DIR EPOCHS ARGS...        a canary-free baseline in DIR (the shared start of fine-tunings)
+#   start_from PRETRAINED DIR          DIR's training starts from PRETRAINED's checkpoint and carries its fingerprint
 #   run_name METHOD, run_dir METHOD SEED     a run's name and folder (the name encodes the settings given)
 #   error_line LOG                     the one-line error a failed command wrote
 #   log WORDS..., die WORDS...         a timestamped line; "<driver>: error: WORDS" and status 2
@@ -64,7 +67,9 @@ tokenizer_type=                   # char | unigram | bpe; empty: the recipe YAML
 exp=exp                           # runs and RESULTS.md go here
 data=data                         # corpus, canaries and tokenizer go here
 train_args=""                     # extra overrides for train.py, e.g. "--number_of_epochs=2"
-known_options="stage stop_stage nj nproc jobs virtual_cores methods seeds clip_bound vocab_size tokenizer_type exp data train_args ${extra_options:-}"
+pretrain_epochs=0                 # > 0: stage 4 first trains one canary-free baseline this many epochs ($exp/pretrain), and every method starts from it
+finetune_epochs=1                 # with --pretrain_epochs > 0: the epochs each method then trains with the canaries
+known_options="stage stop_stage nj nproc jobs virtual_cores methods seeds clip_bound vocab_size tokenizer_type exp data train_args pretrain_epochs finetune_epochs ${extra_options:-}"
 given_options=""                  # the options on the command line (parse_options)
 seeds_may_be_empty=false          # true: an empty --seeds is allowed (the driver has seeds of its own)
 stages_help="0 corpus, 1 manifests, 2 canaries, 3 tokenizer, 4 train (--methods x --seeds), 5 decode, 6 score -> \$exp/RESULTS.md"
@@ -115,6 +120,11 @@ parse_options() {  # parse_options ARGS...: --NAME VALUE or --NAME=VALUE for eac
   [ -z "$clip_bound" ] || [[ "$clip_bound" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] \
     || die "--clip_bound takes a positive number, got '$clip_bound'"
   [ -z "$virtual_cores" ] || require_count virtual_cores
+  [[ "$pretrain_epochs" =~ ^[0-9]+$ ]] || die "--pretrain_epochs takes a whole number (0: no pre-training), got '$pretrain_epochs'"
+  require_count finetune_epochs
+  if [ "$pretrain_epochs" -gt 0 ] && [[ " $train_args" =~ [[:space:]]--number_of_epochs ]]; then
+    die "--train_args sets --number_of_epochs, but with --pretrain_epochs $pretrain_epochs the runs train --pretrain_epochs + --finetune_epochs: give those instead"
+  fi
   check_folder exp; check_folder data
   check_train_args
 }
@@ -222,9 +232,36 @@ launch_train() {  # launch_train OUTPUT_DIR ARGS...: the driver's recipe on --da
   launch_recipe "$recipe" "$hparams" "$out" "${args[@]}" "$@"
 }
 
+pretrain() {  # pretrain DIR EPOCHS ARGS...: a canary-free baseline, EPOCHS epochs on $data/train.csv, in DIR (log: DIR.log);
+  # train.py finishes at once a finished pre-training, and refuses one made with other settings
+  local dir=$1 epochs=$2 done_before=false; shift 2
+  [ -f "$dir/.trained" ] && done_before=true
+  mkdir -p "$dir"
+  # (no canaries file: none is in its training set, and its record must not change when the canaries do)
+  launch_train "$dir" --mode train --clipping none --virtual_cores 1 --train_csv "$data/train.csv" --canaries_csv "" \
+    --number_of_epochs "$epochs" "$@" >> "$dir.log" 2>&1 || die "pre-training failed: $(error_line "$dir.log") (log: $dir.log)"
+  if [ "$done_before" = true ]; then log "pre-training already done with these settings ($dir/fingerprint.json)"
+  else touch "$dir/.trained"; log "pre-trained $dir: $(tail -n 1 "$dir/train_log.txt")"; fi
+}
+
+start_from() {  # start_from PRETRAINED DIR: DIR's training starts from PRETRAINED's checkpoint (its epoch counter
+  # continues: a run trains to pre-training + its own epochs). Copied once, with PRETRAINED's fingerprint as
+  # DIR/init_fingerprint.json, which becomes part of DIR's own (a run on another pre-training is refused); later
+  # calls leave DIR's own checkpoints. Returns non-zero on failure (it runs under in_parallel).
+  local from=$1 dir=$2
+  [ -d "$dir/save" ] && return 0
+  rm -rf "$dir/.save.partial"
+  cp "$from/fingerprint.json" "$dir/init_fingerprint.json" && cp -r "$from/save" "$dir/.save.partial" \
+    && mv "$dir/.save.partial" "$dir/save"
+}
+
 train_command() {  # train_command METHOD SEED ARGS... : one run of the method comparison
   local method=$1 seed=$2; shift 2
   local args=(--seed "$seed" --clipping "$(clipping_of "$method")")
+  # From a pre-training: the epoch counter continues from it, and decoding takes the last checkpoint (the
+  # best by dev WER could be the copied pre-training, which never saw a canary)
+  [ "$pretrain_epochs" -eq 0 ] || args+=(--number_of_epochs "$((pretrain_epochs + finetune_epochs))"
+                                         --decode_checkpoint last)
   if [ -n "$virtual_cores" ]; then args+=(--virtual_cores "$virtual_cores")
   # Plain data parallelism: with equal cores the mean of the per-core mean gradients is the batch mean,
   # so the baseline takes one backward per process instead of one per virtual core (same update, faster).
@@ -278,6 +315,9 @@ train_one() {  # train_one METHOD SEED: train.py resumes an unfinished run, fini
   # and refuses a folder trained with other settings (its fingerprint.json: see privasr.provenance)
   local method=$1 seed=$2 dir; dir=$(run_dir "$1" "$2")
   mkdir -p "$dir"
+  if [ "$pretrain_epochs" -gt 0 ] && ! start_from "$exp/pretrain" "$dir"; then
+    log "FAILED: training $method seed $seed: cannot copy the pre-trained checkpoint $exp/pretrain/save"; return 1
+  fi
   [ -f "$dir/.trained" ] || log "training $method seed $seed -> $dir (log: $dir/train.log; progress: tensorboard --logdir $dir/tensorboard)"
   train_command "$method" "$seed" --mode train >> "$dir/train.log" 2>&1 \
     || { log "FAILED: training $method seed $seed: $(error_line "$dir/train.log") (log: $dir/train.log)"; return 1; }
@@ -290,7 +330,8 @@ method_seed_pairs() {
   for seed in $seeds; do for method in $methods; do echo "$method $seed"; done; done
 }
 
-stage_train() {
+stage_train() {  # (after the shared pre-training, with --pretrain_epochs > 0)
+  [ "$pretrain_epochs" -eq 0 ] || pretrain "$exp/pretrain" "$pretrain_epochs"
   in_parallel train_one < <(method_seed_pairs) || die "some training runs failed (see the FAILED lines)"
 }
 
@@ -323,7 +364,8 @@ run_stages() {  # run_stages CORPUS_ARGS CANARY_ARGS: the method comparison (run
   # shellcheck disable=SC2086
   run_stage 2 "canaries" stage_canaries "$data" "$data/canaries" $2
   run_stage 3 "tokenizer" stage_tokenizer "$data"
-  run_stage 4 "train ($methods) x seeds ($seeds)" stage_train
+  local from=""; [ "$pretrain_epochs" -eq 0 ] || from="pre-train $pretrain_epochs epochs without canaries, then "
+  run_stage 4 "${from}train ($methods) x seeds ($seeds)" stage_train
   run_stage 5 "decode test, dev, canaries, holdout" stage_decode
   run_stage 6 "score -> $exp/RESULTS.md" stage_score
   # shellcheck disable=SC2119  # no NOTE

@@ -34,6 +34,8 @@ variant_corpus_args=""  # a variant's own fine-tuning corpus in ${data}_$variant
 invocation="egs/mini_tts/run_study.sh$(printf ' %q' "$@")"
 parse_options "$@"
 require_bool quick
+{ ! given pretrain_epochs && ! given finetune_epochs; } \
+  || die "the study's pre-training and fine-tuning lengths are pretrain_epochs and finetune_epochs of --study ($study)"
 if [ "$quick" = true ]; then
   given study || study=conf/study_quick.yaml; given data || data=data_study_quick; given exp || exp=exp_study_quick
   : "${corpus_args:=$quick_corpus_args}" "${canary_args:=$quick_canary_args}"
@@ -88,16 +90,7 @@ stage_manifests() {  # stage_manifests FINETUNE
   [ "$finetune_data" = "$data" ] || corpus_manifests "$finetune_data"
 }
 
-stage_pretrain() {  # train.py finishes at once a finished pre-training, and refuses one made with other settings
-  local epochs done_before=false; epochs=$(study_py get "$study" pretrain_epochs)
-  [ -f "$exp/pretrain/.trained" ] && done_before=true
-  mkdir -p "$exp/pretrain"
-  launch_train "$exp/pretrain" --mode train --clipping none --virtual_cores 1 --train_csv "$data/train.csv" \
-    --number_of_epochs "$epochs" >> "$exp/pretrain.log" 2>&1 \
-    || die "pre-training failed: $(error_line "$exp/pretrain.log") (log: $exp/pretrain.log)"
-  if [ "$done_before" = true ]; then log "pre-training already done with these settings ($exp/pretrain/fingerprint.json)"
-  else touch "$exp/pretrain/.trained"; fi
-}
+stage_pretrain() { pretrain "$exp/pretrain" "$(study_py get "$study" pretrain_epochs)"; }
 
 stage_quantiles() {
   mkdir -p "$exp/quantiles"
@@ -141,17 +134,11 @@ finetune_one() {  # finetune_one CANARIES RUNS NAME SEED OVERRIDES...: RUNS/NAME
   local canaries=$1 runs=$2 name=$3 seed=$4; shift 4
   local dir="$runs/$name/seed$seed"
   mkdir -p "$dir"
-  # Start from the pre-trained checkpoint: the epoch counter continues from it, so
-  # number_of_epochs = pretrain + finetune epochs. Copied once (with the pre-training's fingerprint,
-  # which becomes part of this run's), later runs resume their own; train.py refuses a folder
-  # fine-tuned with other settings or canaries (a variant re-run with new options).
-  # (this runs under in_parallel, where set -e does not apply: every step checks itself)
-  if [ ! -d "$dir/save" ]; then
-    rm -rf "$dir/.save.partial"
-    { cp "$exp/pretrain/fingerprint.json" "$dir/init_fingerprint.json" && cp -r "$exp/pretrain/save" "$dir/.save.partial" \
-      && mv "$dir/.save.partial" "$dir/save"; } \
-      || { log "FAILED: $name seed $seed: cannot copy the pre-trained checkpoint $exp/pretrain/save"; return 1; }
-  fi
+  # number_of_epochs = pretrain + finetune epochs (the plan's); train.py refuses a folder fine-tuned with other
+  # settings or canaries (a variant re-run with new options). (this runs under in_parallel, where set -e does not
+  # apply: every step checks itself)
+  start_from "$exp/pretrain" "$dir" \
+    || { log "FAILED: $name seed $seed: cannot copy the pre-trained checkpoint $exp/pretrain/save"; return 1; }
   launch_on_canaries "$canaries" "$dir" --mode train --seed "$seed" "$@" >> "$dir/train.log" 2>&1 \
     || { log "FAILED: $name seed $seed: $(error_line "$dir/train.log") (log: $dir/train.log)"; return 1; }
   touch "$dir/.trained"
