@@ -7,7 +7,9 @@ import torch
 
 from privasr.clipping import clip_factors, core_norms
 from privasr.distributed import CoreAccumulator
-import privasr.ghost as ghost_module
+import privasr.ghost.pieces as ghost_pieces
+from privasr.ghost.pieces import _Conv, _Seq
+from privasr.ghost.recorder import _Recorder
 from privasr.ghost import accumulate, clipped_sum, ghost_pass, per_example_norms, summed_shard_loss
 from privasr.models.sizes import build_model
 from privasr.per_sample import shard_grads_vmap, trainable_parameters
@@ -369,9 +371,9 @@ def _held(result):
     grads, inputs, per_unit = [], [], []
     for parts in result.pieces.values():
         for p in parts:
-            if isinstance(p, (ghost_module._Seq, ghost_module._Conv)):
+            if isinstance(p, (_Seq, _Conv)):
                 grads.append(p.g)
-                inputs.append(p.a if isinstance(p, ghost_module._Seq) else p.x)
+                inputs.append(p.a if isinstance(p, _Seq) else p.x)
                 per_unit.append(p._grads)
             else:
                 per_unit.append(p)
@@ -400,7 +402,7 @@ def test_a_pass_holds_only_its_records_and_the_memory_estimate_counts_them():
     assert _storage_bytes(grads) == est.output_grads > 0
     assert _storage_bytes(per_unit) == est.materialized > 0
     kinds = [p.ghost for parts in result.pieces.values() for p in parts
-             if isinstance(p, (ghost_module._Seq, ghost_module._Conv))]
+             if isinstance(p, (_Seq, _Conv))]
     assert any(kinds) and not all(kinds)  # both forms are on the tiny Conformer (convolutions materialized)
 
 
@@ -411,15 +413,15 @@ def test_the_recorder_frees_each_output_gradient_it_does_not_need(keep, monkeypa
     model = tiny_ctc()
     tensors = ctc_batch(model)
     counts = []
-    arrive = ghost_module._Recorder.arrive
+    arrive = _Recorder.arrive
 
     def spy(self, site, grad):
         arrive(self, site, grad)
         ghost_form = sum(1 for parts in self.pieces.values() for p in parts
-                         if isinstance(p, (ghost_module._Seq, ghost_module._Conv)) and p.ghost)
+                         if isinstance(p, (_Seq, _Conv)) and p.ghost)
         counts.append((len(self.held_output_grads()), ghost_form))
 
-    monkeypatch.setattr(ghost_module._Recorder, "arrive", spy)
+    monkeypatch.setattr(_Recorder, "arrive", spy)
     ghost_pass(model, ctc_summed_loss(model), tensors, keep_pieces=keep)
     assert len(counts) > 40  # every recorded layer of the tiny Conformer arrived
     if keep:
@@ -430,7 +432,7 @@ def test_the_recorder_frees_each_output_gradient_it_does_not_need(keep, monkeypa
 
 def test_convolutions_in_chunks_of_one_unit_are_exact(monkeypatch):
     """The per-unit convolution gradients formed a unit at a time (the smallest chunk) equal vmap's."""
-    monkeypatch.setattr(ghost_module, "CONV_CHUNK_BYTES", 1)
+    monkeypatch.setattr(ghost_pieces, "CONV_CHUNK_BYTES", 1)  # where _Conv.materialize reads it
     torch.manual_seed(0)
 
     class Front(torch.nn.Module):
