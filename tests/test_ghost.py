@@ -83,6 +83,48 @@ def test_time_first_linear_finds_the_batch_axis():
     assert_norms_match(model, square_loss(model), seq_batch(t=5))
 
 
+@pytest.mark.parametrize("num_units", [None, 2])
+def test_time_first_clipped_sum_equals_vmap_with_a_dropped_example(num_units):
+    """Book-keeping on time-first [T, N, d] records (rows stored position-major or as transposed views of
+    batch-major ones), scaling a (6 -> 9: d_in < d_out) and g (9 -> 4), a NaN example left out; ghost form
+    at T = 3 (54 >= 9, 36 >= 9)."""
+    torch.manual_seed(0)
+    model = SeqModel(Transpose(0, 1), torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 4),
+                     Transpose(0, 1))
+    x, w = seq_batch(t=3)
+    x[3] = float("nan")
+    loss = square_loss(model) if num_units is None else (lambda *t: square_loss(model)(*t).sum())  # noqa: E731
+    result = ghost_pass(model, loss, (x, w), num_units)
+    assert result.pieces["layers.1.weight"][0].ghost and result.pieces["layers.3.weight"][0].ghost
+    grads, _, _ = clipped_sum(model, loss, (x, w), 0.5, num_units=num_units)
+    expected, stats = accumulator_reference(model, loss, (x, w), 0.5, "sum", num_units)
+    assert stats.dropped == [3 if num_units is None else 1]
+    assert_grads_close(grads, expected)
+
+
+@pytest.mark.parametrize("layouts", [("bm", "bm"), ("pm", "pm"), ("bm", "pm"), ("pm", "bm"), ("pm", "odd")])
+def test_scaled_rows_pair_the_same_rows_in_any_layout(layouts):
+    """sum_{n,l} (w_n x_nl)^T o_nl from _scaled_rows equals einsum's, for batch-major (bm), position-major (pm)
+    and neither (odd: channel-strided, as a pointwise convolution's input) storage; only `other` is copied then."""
+    g = torch.Generator().manual_seed(0)
+
+    def stored(kind, d):
+        base = torch.randn(4, 3, d, generator=g)
+        if kind == "pm":
+            return base.transpose(0, 1).contiguous().transpose(0, 1)
+        if kind == "odd":
+            return base.transpose(1, 2).contiguous().transpose(1, 2)
+        return base
+
+    x, other = stored(layouts[0], 5), stored(layouts[1], 2)
+    w = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    x_rows, other_rows = ghost_pieces._scaled_rows(x, w.view(-1, 1, 1), other)
+    expected = torch.einsum("nlx,nlo,n->ox", x, other, w)
+    assert torch.allclose(other_rows.T @ x_rows, expected, atol=1e-6)
+    if layouts[1] != "odd":
+        assert other_rows.data_ptr() == other.data_ptr()  # a view of other's rows
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_pointwise_and_depthwise_and_grouped_conv1d():
     torch.manual_seed(0)

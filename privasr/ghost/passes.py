@@ -76,6 +76,7 @@ class GhostPass:
                      ) -> list[Optional[torch.Tensor]]:
         r"""Book-keeping: :math:`\sum_{i \in \text{keep}} w_i \nabla \ell_i` per parameter (None if unused)."""
         out = []
+        keep = None if bool(keep.all()) else keep  # checked once, not per piece
         for name, shape in zip(self.names, shapes):
             if name in self.fallback_grads:
                 per_unit = _keep_rows(self.fallback_grads[name].reshape(len(weights), -1), keep)

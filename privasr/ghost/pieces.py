@@ -81,7 +81,8 @@ class _Seq:
         """``[K]`` squared norms: ghost form when :attr:`ghost`, else materialized."""
         if not self.ghost:
             return core_norms([self.materialize()]).pow(2)
-        gram_a = self.a @ self.a.transpose(-1, -2)  # [K, G, L, L]
+        a = self.a[:1] if self.a.stride(0) == 0 else self.a  # an input shared by every unit: its Gram once
+        gram_a = a @ a.transpose(-1, -2)  # [K, G, L, L] (or [1, G, L, L], broadcast below)
         gram_g = self.g @ self.g.transpose(-1, -2)
         return (gram_a * gram_g).sum((1, 2, 3))
 
@@ -95,12 +96,26 @@ class _Seq:
     def output_grads(self) -> list:
         return [] if self.g is None else [self.g]
 
-    def weighted_sum(self, weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``sum_{k kept} w_k grad_k`` (flat): book-keeping, output gradients scaled by ``w``."""
+    def weighted_sum(self, weights: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+        r"""``sum_{k kept} w_k grad_k`` (flat): book-keeping, :math:`\sum_{k,l} g_{kl}^\top (w_k a_{kl})` or
+        :math:`\sum_{k,l} (w_k g_{kl})^\top a_{kl}`.
+
+        ``keep`` None: every unit kept. The weights scale the narrower of ``a`` and ``g`` (fewer
+        elements written), and the product is written in the row order the other is stored in
+        (time-first layers store position-major), so with one group the sum over units and
+        positions is one matrix product and nothing but the product is copied.
+        """
         if self._grads is not None:
             return weights.to(self._grads.dtype) @ _keep_rows(self._grads, keep)
-        g = _keep_rows(self.g, keep) * weights.to(self.g.dtype).view(-1, 1, 1, 1)
-        return torch.einsum("ngli,nglo->goi", _keep_rows(self.a, keep), g).reshape(-1)
+        a, g = _keep_rows(self.a, keep), _keep_rows(self.g, keep)
+        scale = weights.to(g.dtype).view(-1, 1, 1, 1)
+        if self.groups > 1:
+            return torch.einsum("ngli,nglo->goi", a, g * scale).reshape(-1)
+        if self.d_in < self.d_out:
+            a_rows, g_rows = _scaled_rows(a[:, 0], scale[:, 0], g[:, 0])
+        else:
+            g_rows, a_rows = _scaled_rows(g[:, 0], scale[:, 0], a[:, 0])
+        return (g_rows.T @ a_rows).reshape(-1)
 
 
 class _Conv:
@@ -179,11 +194,12 @@ class _Conv:
 
     output_grads = _Seq.output_grads
 
-    def weighted_sum(self, weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def weighted_sum(self, weights: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
         if self._grads is not None:
             return weights.to(self._grads.dtype) @ _keep_rows(self._grads, keep)
         per = self.x.shape[0] // self.units
-        weights, keep = weights.repeat_interleave(per), keep.repeat_interleave(per)  # per example
+        weights = weights.repeat_interleave(per)  # per example
+        keep = None if keep is None else keep.repeat_interleave(per)
         g = _keep_rows(self.g, keep) * weights.to(self.g.dtype).view(-1, *([1] * (self.g.dim() - 1)))
         return self._weight_grad(_keep_rows(self.x, keep), g, 1).reshape(-1)
 
@@ -227,9 +243,34 @@ def _in_units(piece, num_units: int):
     return _to_units(piece, num_units, False)
 
 
-def _keep_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Rows of dropped units replaced by zeros (``where``, so NaN/Inf cannot leak through ``0 *``)."""
-    if bool(keep.all()):
+def _scaled_rows(x: torch.Tensor, scale: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x * scale, other)`` as rows ``[N L, d]`` in one ``(n, l)`` order: ``x``, ``other`` ``[N, L, d]``.
+
+    The order is the one ``other`` is stored in (batch- or position-major), so its rows are a view;
+    the product is written straight into that order. ``other`` is copied only when it is neither.
+    """
+    n, length, dim = x.shape
+    for position_major in (False, True):
+        view = other.transpose(0, 1) if position_major else other
+        if _merges(view):
+            out = x.new_empty((length, n, dim) if position_major else (n, length, dim))
+            torch.mul(x.transpose(0, 1) if position_major else x, scale.transpose(0, 1) if position_major else scale,
+                      out=out)
+            return out.reshape(-1, dim), view.reshape(-1, view.shape[-1])
+    return (x * scale).reshape(-1, dim), other.reshape(-1, other.shape[-1])
+
+
+def _merges(x: torch.Tensor) -> bool:
+    """Whether axes 0 and 1 of ``x`` merge into one as a view."""
+    return x.shape[0] == 1 or x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
+
+
+def _keep_rows(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """Rows of dropped units replaced by zeros (``where``, so NaN/Inf cannot leak through ``0 *``).
+
+    ``keep`` None (or all True): ``x`` itself.
+    """
+    if keep is None or bool(keep.all()):
         return x
     mask = keep.view(-1, *([1] * (x.dim() - 1))).to(x.device)
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
