@@ -451,7 +451,9 @@ def test_a_pass_holds_only_its_records_and_the_memory_estimate_counts_them():
 @pytest.mark.parametrize("keep", [True, False])
 def test_the_recorder_frees_each_output_gradient_it_does_not_need(keep, monkeypatch):
     """Counted at every arrival of an output gradient during the backward: norms only, the recorder holds
-    none after a layer is done; book-keeping, one per ghost-form layer done so far and none of the others."""
+    none after a layer is done; book-keeping, one per ghost-form layer done so far and none of the others.
+    Besides, a materialized convolution whose uses are all in is formed at the next arrival (after its own
+    backward): until then its output gradient is held, never more than one layer's at a time."""
     model = tiny_ctc()
     tensors = ctc_batch(model)
     counts = []
@@ -461,15 +463,18 @@ def test_the_recorder_frees_each_output_gradient_it_does_not_need(keep, monkeypa
         arrive(self, site, grad)
         ghost_form = sum(1 for parts in self.pieces.values() for p in parts
                          if isinstance(p, (_Seq, _Conv)) and p.ghost)
-        counts.append((len(self.held_output_grads()), ghost_form))
+        deferred = sum(1 for name in self.deferred for p in self.pending[name] if isinstance(p, _Conv))
+        counts.append((len(self.held_output_grads()), ghost_form, deferred))
 
     monkeypatch.setattr(_Recorder, "arrive", spy)
     ghost_pass(model, ctc_summed_loss(model), tensors, keep_pieces=keep)
     assert len(counts) > 40  # every recorded layer of the tiny Conformer arrived
+    assert all(deferred <= 1 for _, _, deferred in counts)
+    assert sum(deferred for _, _, deferred in counts) == 2 + 2  # the front end's two, the two depthwise
+    expected = [(ghost_form if keep else 0) + deferred for _, ghost_form, deferred in counts]
+    assert [held for held, _, _ in counts] == expected
     if keep:
-        assert all(held == ghost_form for held, ghost_form in counts) and 0 < counts[-1][0] < len(counts)
-    else:
-        assert all(held == 0 for held, _ in counts)
+        assert 0 < counts[-1][0] < len(counts)
 
 
 def test_convolutions_in_chunks_of_one_unit_are_exact(monkeypatch):
