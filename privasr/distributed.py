@@ -89,11 +89,19 @@ class CoreAccumulator:
         self.method, self.bound, self.reduction = method, bound, reduction
         self.numels = [p.numel() for p in self.params]
         self.total_numel = sum(self.numels)
-        device = self.params[0].device if self.params else torch.device("cpu")
-        # Layout: [flat gradient | one has-grad flag per parameter | cores kept].
-        self.buffer = torch.zeros(self.total_numel + len(self.params) + 1, dtype=torch.float32, device=device)
+        self._device = self.params[0].device if self.params else torch.device("cpu")
+        self._buffer: Optional[torch.Tensor] = None
         self.norms: list[torch.Tensor] = []
         self.local_min_norm = math.inf
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """``[flat gradient | one has-grad flag per parameter | cores kept]``, float32. Made at the first use
+        (an add, after the cores' backward), so it is not alive during the step's memory peak."""
+        if self._buffer is None:
+            self._buffer = torch.zeros(self.total_numel + len(self.params) + 1, dtype=torch.float32,
+                                       device=self._device)
+        return self._buffer
 
     @property
     def flat(self) -> torch.Tensor:
@@ -233,7 +241,8 @@ class CoreAccumulator:
         grads, offset = [], 0
         for index, (param, numel) in enumerate(zip(self.params, self.numels)):
             if self.has_grad[index] > 0:
-                grads.append(self.flat[offset: offset + numel].view_as(param).to(param.dtype).clone())
+                # views of the step's buffer (a fresh accumulator each step), copied only to change dtype
+                grads.append(self.flat[offset: offset + numel].view_as(param).to(param.dtype))
             else:
                 grads.append(None)
             offset += numel
