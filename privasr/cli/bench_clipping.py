@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 from privasr.cli import CliParser, nonnegative_int, output_file, positive_float, positive_int, run_cli
 from privasr.distributed import ordered_shutdown
+from privasr.results_md import table_lines
 
 PROG = "privasr-bench"
 DEFAULT_STRATEGIES = ["ddp", "none", "global", "pcc", "apcc", "pcc-v4", "pec-vmap", "pec-loop"]
@@ -190,12 +191,10 @@ def measure(args, strategy):
 
 def markdown_table(results, reference="none"):
     ref = results[reference]
-    lines = ["| strategy | median step (s) | time / none | peak step memory (MiB) | memory / none |",
-             "|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['median_s']:.3f} | {r['median_s'] / ref['median_s']:.2f}x | "
-                     f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / ref['peak_bytes']:.2f}x |")
-    return "\n".join(lines)
+    header = ["strategy", "median step (s)", "time / none", "peak step memory (MiB)", "memory / none"]
+    rows = [[name, f"{r['median_s']:.3f}", f"{r['median_s'] / ref['median_s']:.2f}x", f"{r['peak_bytes'] / 2**20:.0f}",
+             f"{r['peak_bytes'] / ref['peak_bytes']:.2f}x"] for name, r in results.items()]
+    return "\n".join(table_lines(header, rows))
 
 
 def model_arguments(p: CliParser) -> None:

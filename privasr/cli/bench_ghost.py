@@ -35,6 +35,7 @@ import sys
 import time
 
 from privasr.cli import CliParser, output_file, positive_float, positive_int, run_cli
+from privasr.results_md import table_lines
 
 PROG = "privasr-bench-ghost"
 MODES = ("none", "vmap", "loop", "ghost")
@@ -132,9 +133,8 @@ def _ratio(rows: list[dict], key: str) -> str:
 
 def markdown(rows: list[dict]) -> str:
     """One line per (size, batch, mode); ratios to ``none`` of the same size, batch and round."""
-    lines = ["| size | batch | mode | step time (s) | × none | CPU × none | peak extra RSS (MiB) | × none "
-             "| peak tensors (MiB) | × none |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["size", "batch", "mode", "step time (s)", "× none", "CPU × none", "peak extra RSS (MiB)", "× none",
+              "peak tensors (MiB)", "× none"]
     groups: dict = {}
     for index, row in enumerate(rows):
         same = [r for r in rows if r["size"] == row["size"] and r["batch"] == row["batch"] and r["mode"] == "none"
@@ -142,13 +142,14 @@ def markdown(rows: list[dict]) -> str:
         if not same:
             raise ValueError(f"no 'none' cell for size {row['size']} batch {row['batch']}: ratios need it")
         groups.setdefault((row["size"], row["batch"], row["mode"]), []).append(dict(row, base=same[0]))
+    table_rows = []
     for (size, batch, mode), cells in groups.items():
         med = {k: statistics.median(c.get(k, float("nan")) for c in cells)
                for k in ("time_s", "extra_mib", "tensor_mib")}
-        lines.append(f"| {size} | {batch} | {mode} | {med['time_s']:.3f} | {_ratio(cells, 'time_s')} | "
-                     f"{_ratio(cells, 'cpu_s')} | {med['extra_mib']:.0f} | {_ratio(cells, 'extra_mib')} | "
-                     f"{med['tensor_mib']:.1f} | {_ratio(cells, 'tensor_mib')} |")
-    return "\n".join(lines)
+        table_rows.append([size, batch, mode, f"{med['time_s']:.3f}", _ratio(cells, "time_s"),
+                           _ratio(cells, "cpu_s"), f"{med['extra_mib']:.0f}", _ratio(cells, "extra_mib"),
+                           f"{med['tensor_mib']:.1f}", _ratio(cells, "tensor_mib")])
+    return "\n".join(table_lines(header, table_rows))
 
 
 def plan(sizes, batches, modes, rounds: int) -> list[tuple]:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from privasr.cli import CliParser, nonnegative_int, output_file, positive_int, run_cli
 from privasr.errors import UserError
+from privasr.results_md import table_lines
 
 PROG = "privasr-bench-recipe"
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: privasr/cli/ -> the repository root
@@ -136,7 +137,7 @@ def run_cell(args, method: str, config_name: str) -> dict:
 
 
 def table(cells: dict, methods, configs) -> str:
-    lines = ["| method | speed-ups | utt/s (median, range) | × plain | peak RSS (MB) |", "|---|---|---|---|---|"]
+    rows = []
     for method in methods:
         base = statistics.median(r["utt_per_s"] for r in cells[method]["plain"]) if "plain" in configs else None
         for config in configs:
@@ -144,9 +145,8 @@ def table(cells: dict, methods, configs) -> str:
             median = statistics.median(rates)
             ratio = f"{median / base:.2f}" if base else "–"
             peak = statistics.median(r["peak_mb"] for r in cells[method][config])
-            lines.append(f"| {method} | {config} | {median:.1f} ({min(rates):.1f}–{max(rates):.1f}) | {ratio} | "
-                         f"{peak:.0f} |")
-    return "\n".join(lines)
+            rows.append([method, config, f"{median:.1f} ({min(rates):.1f}–{max(rates):.1f})", ratio, f"{peak:.0f}"])
+    return "\n".join(table_lines(["method", "speed-ups", "utt/s (median, range)", "× plain", "peak RSS (MB)"], rows))
 
 
 def _main(argv) -> int:

@@ -57,6 +57,7 @@ from privasr.cli.norm_quantiles import check_trained_run, load_brain, resolved_h
 from privasr.core_log import predicted_weight_ratio
 from privasr.errors import UserError
 from privasr.provenance import file_digest
+from privasr.results_md import table_lines
 
 PROG = "privasr-canary-gradients"
 QUANTILES = (0.1, 0.5, 0.9)
@@ -221,21 +222,19 @@ def _cell(value: Optional[float]) -> str:
 def markdown(result: dict, per_core: Sequence[int]) -> str:
     """The norms per group and the prediction per B, as two markdown tables."""
     names = ["p10", "p50", "p90", "mean"]
-    lines = ["| utterances | n | non-finite | zero (CTC cannot align) | " + " | ".join(names)
-             + " | r (medians) | r (means) |", "|---" * (len(names) + 6) + "|"]
-    rows = [("normal", result["normal"]), ("canaries", result["canaries"])]
-    rows += [(f"canaries x{count}", group) for count, group in result["by_insertions"].items()]
-    for name, group in rows:
-        cells = [_cell(group.get(key)) for key in names] + [_cell(group.get("r_median")), _cell(group.get("r_mean"))]
-        lines.append(f"| {name} | {group['n']} | {group['nonfinite']} | {group['zero']} | " + " | ".join(cells) + " |")
-    lines += ["", "Predicted cut of a canary's weight relative to a normal utterance's when every core is clipped: "
-              "√(r² + B − 1) / √B (B = 1: per-example clipping, the factor r).", "",
-              "| per-core batch B | predicted, r from medians | predicted, r from means |", "|---|---|---|"]
-    for b in per_core:
-        predicted = result["predicted"][str(b)]
-        lines.append(f"| {b}{' (PEC)' if b == 1 else ''} | {_cell(predicted['r_median'])} | "
-                     f"{_cell(predicted['r_mean'])} |")
-    return "\n".join(lines)
+    groups = [("normal", result["normal"]), ("canaries", result["canaries"])]
+    groups += [(f"canaries x{count}", group) for count, group in result["by_insertions"].items()]
+    norms = table_lines(
+        ["utterances", "n", "non-finite", "zero (CTC cannot align)", *names, "r (medians)", "r (means)"],
+        [[name, group["n"], group["nonfinite"], group["zero"], *(_cell(group.get(key)) for key in names),
+          _cell(group.get("r_median")), _cell(group.get("r_mean"))] for name, group in groups])
+    predicted = table_lines(
+        ["per-core batch B", "predicted, r from medians", "predicted, r from means"],
+        [[f"{b}{' (PEC)' if b == 1 else ''}", _cell(result["predicted"][str(b)]["r_median"]),
+          _cell(result["predicted"][str(b)]["r_mean"])] for b in per_core])
+    note = ("Predicted cut of a canary's weight relative to a normal utterance's when every core is clipped: "
+            "√(r² + B − 1) / √B (B = 1: per-example clipping, the factor r).")
+    return "\n".join([*norms, "", note, "", *predicted])
 
 
 def _finite_or_none(value: float) -> Optional[float]:

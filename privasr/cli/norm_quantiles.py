@@ -27,6 +27,7 @@ import torch
 
 from privasr.cli import CliParser, fraction, one_line, output_file, positive_int, run_cli
 from privasr.errors import UserError
+from privasr.results_md import table_lines
 
 PROG = "privasr-norm-quantiles"
 
@@ -135,12 +136,8 @@ def measure(brain, data, hparams, per_core: list[int], batches: int) -> dict[int
 
 
 def table(norms: dict[int, np.ndarray], quantiles: list[float]) -> str:
-    head = "| per-core batch B | cores | " + " | ".join(_name(q) for q in quantiles) + " |"
-    lines = [head, "|---" * (len(quantiles) + 2) + "|"]
-    for b, values in norms.items():
-        cells = " | ".join(f"{np.quantile(values, q):.3g}" for q in quantiles)
-        lines.append(f"| {b} | {values.size} | {cells} |")
-    return "\n".join(lines)
+    rows = [[b, values.size, *(f"{np.quantile(values, q):.3g}" for q in quantiles)] for b, values in norms.items()]
+    return "\n".join(table_lines(["per-core batch B", "cores", *map(_name, quantiles)], rows))
 
 
 def _name(q: float) -> str:
