@@ -248,6 +248,10 @@ def test_param_groups_partition_parameters(ctc_model, transducer_model):
         assert list(groups) == ["frontend", "layer.0", "layer.1", "final_norm"] + tail
         names = [n for members in groups.values() for n in members]
         assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+        paths = ["encoder.subsampling", "encoder.conformer.layers.0", "encoder.conformer.layers.1",
+                 "encoder.conformer.norm"] + tail
+        for members, path in zip(groups.values(), paths):  # each group: exactly its module's parameters
+            assert members == [f"{path}.{n}" for n, _ in model.get_submodule(path).named_parameters()], path
 
 
 # ------------------------------------------------------------------------ sizes

@@ -90,7 +90,7 @@ def test_the_default_regex_groups_the_real_conformer_and_bestrq_parameters():
         assert list(groups) == expected
         for path, names in groups.items():
             assert names == [f"{path}.{n}" for n, _ in modules.get_submodule(path).named_parameters()], path
-    # the same partition as the models' own structural grouping (privasr.models.encoder_param_groups)
+    # the models' own grouping (privasr.models.encoder_param_groups) is this one under short names
     own = ctc.model.param_groups()
     assert [[f"model.{n}" for n in names] for names in own.values()] == list(
         group_parameters_by_layer(ctc.named_parameters()).values())

@@ -39,6 +39,8 @@ CLIP_MODES = ("flat", "uniform", "dim")
 #: them falls back to its top-level module. Under a Brain every name starts with the ``modules``
 #: key, so the front end, the final norm and the head need their own alternatives: with
 #: ``layers.<i>`` alone they would all fall back to one group, ``bestrq`` (or ``model``).
+#: The models' ``param_groups()`` (:func:`privasr.models.encoder.encoder_param_groups`) are these
+#: groups under short names (``frontend``, ``layer.<i>``, ``final_norm``, ``ctc_head``).
 LAYER_REGEX = r"^(.*?\blayers\.\d+|.*?\bsubsampling|.*?\bconformer\.norm|.*?\w*head)\."
 
 

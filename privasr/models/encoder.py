@@ -32,6 +32,7 @@ each stage (see :meth:`ConformerEncoder.features`).
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from typing import List, Optional, Tuple
 
@@ -45,6 +46,8 @@ from speechbrain.lobes.models.transformer.Conformer import (
 from speechbrain.lobes.models.transformer.Conformer import ConvolutionModule
 from speechbrain.nnet.activations import Swish
 from speechbrain.nnet.attention import RelPosEncXL
+
+from privasr.dp.per_layer import group_parameters_by_layer
 
 __all__ = [
     "relative_to_absolute",
@@ -304,37 +307,28 @@ class ConformerEncoder(nn.Module):
         return self.encode(feats, feat_lens)
 
 
-def encoder_param_groups(model: nn.Module, encoder_prefix: str = "encoder"
-                         ) -> "OrderedDict[str, List[str]]":
-    """Group parameter names by layer, in forward order.
+def encoder_param_groups(model: nn.Module) -> "OrderedDict[str, List[str]]":
+    """Group parameter names by layer, in forward order, under short names.
 
-    Groups: ``frontend`` (subsampling), ``layer.0`` ... ``layer.{L-1}``
-    (Conformer blocks), ``final_norm``, then one group per remaining top-level
-    child (e.g. ``ctc_head``). Every parameter belongs to exactly one group;
-    names are those of ``model.named_parameters()`` (usable with
-    ``torch.func.functional_call``). A model-local view for inspection and tests:
-    per-layer clipping and layer freezing group by
-    :data:`privasr.dp.per_layer.LAYER_REGEX` on the Brain's names (tested to
-    give the same split on Conformer-CTC).
+    The groups are those of :data:`privasr.dp.per_layer.LAYER_REGEX` (the one layer grouping, which
+    per-layer clipping and layer freezing use on the Brain's names), renamed for the model alone:
+    ``frontend`` (``encoder.subsampling``), ``layer.0`` ... ``layer.{L-1}`` (the Conformer blocks
+    ``encoder.conformer.layers.<i>``), ``final_norm`` (``encoder.conformer.norm``), then the head
+    (``ctc_head``) or the other top-level children (``predictor``, ``joint``) under their own names.
+    Every parameter belongs to exactly one group; names are those of ``model.named_parameters()``
+    (usable with ``torch.func.functional_call``).
     """
-    groups: "OrderedDict[str, List[str]]" = OrderedDict()
-    for name, _ in model.named_parameters():
-        groups.setdefault(_group_of(name, encoder_prefix), []).append(name)
-    return groups
+    groups = group_parameters_by_layer(model.named_parameters())
+    return OrderedDict((_short_group_name(path), names) for path, names in groups.items())
 
 
-def _group_of(name: str, encoder_prefix: str) -> str:
-    """Group key of one parameter name (see :func:`encoder_param_groups`)."""
-    parts = name.split(".")
-    if parts[0] != encoder_prefix:
-        return parts[0]
-    if parts[1] == "subsampling":
-        return "frontend"
-    if parts[1] == "conformer" and parts[2] == "layers":
-        return f"layer.{parts[3]}"
-    if parts[1] == "conformer" and parts[2] == "norm":
-        return "final_norm"
-    return ".".join(parts[:2])
+def _short_group_name(path: str) -> str:
+    """``encoder.subsampling`` -> ``frontend``, ``encoder.conformer.layers.3`` -> ``layer.3``,
+    ``encoder.conformer.norm`` -> ``final_norm``; any other group keeps its module path."""
+    block = re.fullmatch(r"encoder\.conformer\.layers\.(\d+)", path)
+    if block:
+        return f"layer.{block.group(1)}"
+    return {"encoder.subsampling": "frontend", "encoder.conformer.norm": "final_norm"}.get(path, path)
 
 
 def _check_encoder_config(d_model, num_layers, nhead, d_ffn, kernel_size, dropout, n_mels):
