@@ -10,8 +10,8 @@ Every model follows one contract (lengths are SpeechBrain *relative* lengths):
   transducer logits ``[B, T, U+1, V]``, plus output lengths;
 * ``model.loss(out, out_lens, tokens, token_lens, reduction)`` with
   ``reduction`` in ``("mean", "sum", "none")``;
-* ``model.param_groups()``: parameter names per layer, a model-local view
-  (per-layer clipping and freezing use ``privasr.dp.per_layer.LAYER_REGEX``).
+* ``model.param_groups()``: the groups of ``privasr.dp.per_layer.LAYER_REGEX`` (per-layer clipping,
+  freezing) under short names: ``frontend``, ``layer.<i>``, ``final_norm``, the head(s).
 
 All of it is safe under ``torch.func.vmap(torch.func.grad(...))`` for
 per-example gradients; see :mod:`privasr.models.encoder` for why.
