@@ -146,6 +146,13 @@ def test_wrong_rate_is_resampled_when_asked(data, tmp_path):
     assert list((out / "save").glob("CKPT*")), "the resampled run trains and checkpoints"
 
 
+def test_an_empty_manifest_key_is_refused_naming_it(recipe_main, capsys, data, tmp_path):
+    """`--canaries_csv ""` (a canary-free pre-training) then `--mode decode` was a TypeError traceback."""
+    out = tmp_path / "run"
+    status, lines = run_recipe(recipe_main, capsys, data, out, "--train_csv", "")
+    assert_refused(status, lines, out, "train_csv is empty, but --mode train reads that set: give its manifest")
+
+
 def test_real_command_exits_2_with_one_line_and_no_traceback(data, tmp_path):
     out = tmp_path / "run"
     proc = run_python(*with_options(recipe_argv(data, out), "--train_csv", tmp_path / "nowhere.csv"))

@@ -133,20 +133,22 @@ def load_datasets(hparams: dict) -> dict:
     training set must fill one batch per process."""
     from privasr.asr.checks import check_enough_for_a_batch
 
-    def dataset(csv, sort="ascending", select_n=None):
-        return make_dataset(csv, hparams["tokenizer"], hparams["sample_rate"], sort, hparams["max_duration"],
+    def dataset(key, sort="ascending", select_n=None):
+        if not hparams.get(key):  # e.g. `--canaries_csv ""` (a canary-free pre-training) asked to decode canaries
+            raise UserError(f"{key} is empty, but --mode {hparams['mode']} reads that set: give its manifest")
+        return make_dataset(hparams[key], hparams["tokenizer"], hparams["sample_rate"], sort, hparams["max_duration"],
                             select_n, resample=hparams.get("resample_audio", False),
                             check_audio=hparams.get("check_audio", "all"))
 
     data = {}
     if hparams["mode"] != "decode":
-        data["train"] = dataset(hparams["train_csv"], hparams["sorting"])
+        data["train"] = dataset("train_csv", hparams["sorting"])
         loader = hparams["train_dataloader_opts"]
         check_enough_for_a_batch(data["train"], hparams["train_csv"], loader["batch_size"], loader.get("drop_last"))
-        data["dev"] = dataset(hparams["dev_csv"])
+        data["dev"] = dataset("dev_csv")
     if hparams["mode"] != "train":
-        data.update({name: dataset(hparams[f"{name}_csv"]) for name in DECODE_SETS})
-        data["train_eval"] = dataset(hparams["train_eval_csv"], select_n=hparams["train_eval_size"])
+        data.update({name: dataset(f"{name}_csv") for name in DECODE_SETS})
+        data["train_eval"] = dataset("train_eval_csv", select_n=hparams["train_eval_size"])
     return data
 
 
