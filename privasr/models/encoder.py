@@ -118,9 +118,9 @@ class Conv2dSubsampling(nn.Module):
     Both convolutions halve the mel axis (``F -> ceil(ceil(F/2)/2)``). In time
     the first always has stride 2 and the second stride 2 (``factor=4``: 40 ms
     frames, ``T' = ceil(ceil(T/2)/2)``) or 1 (``factor=2``: 20 ms frames,
-    ``T' = ceil(T/2)``; twice the encoder frames, which a character CTC model
-    needs for speech faster than ~25 characters a second, e.g. 4x-speed
-    canaries). Padded frames are zeroed before each convolution, so valid
+    ``T' = ceil(T/2)``; twice the encoder frames, so a character CTC model
+    aligns speech down to ~22 ms a character, e.g. fast canaries at 110 wpm
+    x 4; normal-rate speech x 4, 14-19 ms a character, is too fast for both). Padded frames are zeroed before each convolution, so valid
     outputs equal those of the unpadded utterance.
     """
 
