@@ -76,9 +76,9 @@ def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return steps.unsqueeze(0) >= lengths.unsqueeze(1)
 
 
-def _conv_out_len(lengths: torch.Tensor) -> torch.Tensor:
-    """Output length of a ``kernel=3, stride=2, padding=1`` conv: ``ceil(L / 2)``."""
-    return torch.div(lengths + 1, 2, rounding_mode="floor")
+def _conv_out_len(lengths: torch.Tensor, stride: int = 2) -> torch.Tensor:
+    """Output length of a ``kernel=3, padding=1`` conv of stride ``s``: ``floor((L - 1) / s) + 1 = ceil(L / s)``."""
+    return torch.div(lengths + stride - 1, stride, rounding_mode="floor")
 
 
 class UtteranceNorm(nn.Module):
@@ -120,8 +120,9 @@ class Conv2dSubsampling(nn.Module):
     frames, ``T' = ceil(ceil(T/2)/2)``) or 1 (``factor=2``: 20 ms frames,
     ``T' = ceil(T/2)``; twice the encoder frames, so a character CTC model
     aligns speech down to ~22 ms a character, e.g. fast canaries at 110 wpm
-    x 4; normal-rate speech x 4, 14-19 ms a character, is too fast for both). Padded frames are zeroed before each convolution, so valid
-    outputs equal those of the unpadded utterance.
+    x 4; normal-rate speech x 4, 14-19 ms a character, is too fast for
+    both). Padded frames are zeroed before each convolution, so valid outputs
+    equal those of the unpadded utterance.
     """
 
     def __init__(self, n_mels: int, d_model: int, channels: Optional[int] = None,
@@ -130,7 +131,6 @@ class Conv2dSubsampling(nn.Module):
         if factor not in SUBSAMPLING_FACTORS:
             raise ValueError(f"subsampling_factor must be one of {SUBSAMPLING_FACTORS}, got {factor!r}")
         channels = channels or d_model
-        self.factor = factor
         self.conv1 = nn.Conv2d(1, channels, kernel_size=3, stride=2, padding=1)
         self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, stride=(factor // 2, 2), padding=1)
         self.activation = nn.ReLU()
@@ -140,10 +140,11 @@ class Conv2dSubsampling(nn.Module):
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Absolute input frames ``[B]`` -> absolute output frames ``[B]``."""
-        return self._second_out_len(_conv_out_len(lengths))
+        return self._out_len(self.conv2, self._out_len(self.conv1, lengths))
 
-    def _second_out_len(self, lengths: torch.Tensor) -> torch.Tensor:
-        return _conv_out_len(lengths) if self.factor == 4 else lengths
+    @staticmethod
+    def _out_len(conv: nn.Conv2d, lengths: torch.Tensor) -> torch.Tensor:
+        return _conv_out_len(lengths, conv.stride[0])  # the time axis's stride
 
     @staticmethod
     def _zero_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -156,10 +157,9 @@ class Conv2dSubsampling(nn.Module):
         """``x``: ``[B, T, F]``, absolute ``lengths`` ``[B]`` ->
         (``[B, T', d_model]``, absolute ``[B]``)."""
         x = self._zero_padding(x.unsqueeze(1), lengths)
-        lengths = _conv_out_len(lengths)
-        x = self._zero_padding(self.activation(self.conv1(x)), lengths)
-        lengths = self._second_out_len(lengths)
-        x = self._zero_padding(self.activation(self.conv2(x)), lengths)
+        for conv in (self.conv1, self.conv2):
+            lengths = self._out_len(conv, lengths)
+            x = self._zero_padding(self.activation(conv(x)), lengths)
         batch, channels, time, freq = x.shape
         x = x.transpose(1, 2).reshape(batch, time, channels * freq)
         return self.dropout(self.out(x)), lengths
