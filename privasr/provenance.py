@@ -243,9 +243,9 @@ def claim_run_folder(hparams: Mapping, run_opts: Optional[Mapping] = None, needs
     """
     folder = Path(hparams["output_folder"])
     fingerprint = training_fingerprint(hparams, run_opts)
-    init = folder / INIT_FINGERPRINT_FILE
-    if init.is_file():
-        fingerprint["init"] = digest_of(json.loads(init.read_text(encoding="utf-8")))
+    init = read_fingerprint(folder, INIT_FINGERPRINT_FILE)
+    if init is not None:
+        fingerprint["init"] = digest_of(init)
     save_dir = hparams.get("save_folder") or folder / "save"
     recorded = check_run_folder(folder, fingerprint, save_dir)
     if needs_checkpoint and (recorded is None or not has_checkpoints(save_dir)):
@@ -254,8 +254,10 @@ def claim_run_folder(hparams: Mapping, run_opts: Optional[Mapping] = None, needs
     return fingerprint
 
 
-def read_fingerprint(run_dir) -> Optional[dict]:
-    path = Path(run_dir) / FINGERPRINT_FILE
+def read_fingerprint(run_dir, name: str = FINGERPRINT_FILE) -> Optional[dict]:
+    """A run's record (``name``: its own, or :data:`INIT_FINGERPRINT_FILE`, that of the run it started
+    from); ``None`` if absent."""
+    path = Path(run_dir) / name
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 

@@ -103,10 +103,10 @@ def run_training(run_dir: Path, fingerprint: dict) -> str:
     """How a run was trained: its epochs with the canaries, and the canary-free pre-training it started
     from (its epochs and record digest, from ``init_fingerprint.json``), if any."""
     epochs = int(fingerprint["settings"]["number_of_epochs"])
-    init = run_dir / INIT_FINGERPRINT_FILE
-    if not init.is_file():
+    init = read_fingerprint(run_dir, INIT_FINGERPRINT_FILE)
+    if init is None:
         return f"{epochs} epochs with the canaries, from scratch"
-    before = int(json.loads(init.read_text(encoding="utf-8"))["settings"]["number_of_epochs"])
+    before = int(init["settings"]["number_of_epochs"])
     return f"{before} epochs without canaries (pre-training {fingerprint['init']}), then {epochs - before} with them"
 
 
