@@ -5,7 +5,8 @@
 #   1. cd to its own folder and define
 #        recipe=recipes/<corpus>/ASR/<model>   the ASR recipe, relative to the repository (launch_train runs its
 #        hparams=hparams/<file>.yaml           train.py with this YAML; --train_args and the tokenizer read it too)
-#        extra_options="..."                   (optional) the names of its own options, beyond the ones below;
+#        extra_options="..."                   (optional) the names of its own options, beyond the ones below
+#                                              (with run_stages: also pretrain_epochs finetune_epochs);
 #   2. source this file (then corpus.sh, and ../lib/dp_stages.sh for the DP stages), and give its own options
 #      their defaults, each as `name=value  # meaning` (--help prints the value and the comment);
 #   3. if its stages are not the method comparison's 0-6: `declare_stages LAST "HELP"`; if an empty --seeds
@@ -67,9 +68,11 @@ tokenizer_type=                   # char | unigram | bpe; empty: the recipe YAML
 exp=exp                           # runs and RESULTS.md go here
 data=data                         # corpus, canaries and tokenizer go here
 train_args=""                     # extra overrides for train.py, e.g. "--number_of_epochs=2"
+# Options of run_stages only (the method comparison): a driver that runs it lists them in its extra_options, so
+# that the other drivers refuse them as unknown instead of ignoring them.
 pretrain_epochs=0                 # > 0: stage 4 first trains one canary-free baseline this many epochs ($exp/pretrain), and every method starts from it
 finetune_epochs=1                 # with --pretrain_epochs > 0: the epochs each method then trains with the canaries
-known_options="stage stop_stage nj nproc jobs virtual_cores methods seeds clip_bound vocab_size tokenizer_type exp data train_args pretrain_epochs finetune_epochs ${extra_options:-}"
+known_options="stage stop_stage nj nproc jobs virtual_cores methods seeds clip_bound vocab_size tokenizer_type exp data train_args ${extra_options:-}"
 given_options=""                  # the options on the command line (parse_options)
 seeds_may_be_empty=false          # true: an empty --seeds is allowed (the driver has seeds of its own)
 stages_help="0 corpus, 1 manifests, 2 canaries, 3 tokenizer, 4 train (--methods x --seeds), 5 decode, 6 score -> \$exp/RESULTS.md"

@@ -7,7 +7,7 @@
 cd "$(dirname "$0")"
 recipe=recipes/LibriSpeech/ASR/conformer
 hparams=hparams/conformer_xl_transducer.yaml
-extra_options="librispeech_root train_splits canary_args"
+extra_options="librispeech_root train_splits canary_args pretrain_epochs finetune_epochs"
 source ../lib/stages.sh
 source corpus.sh
 librispeech_root=                                               # the LibriSpeech folder (not downloaded)

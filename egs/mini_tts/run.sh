@@ -9,7 +9,7 @@
 cd "$(dirname "$0")"
 recipe=recipes/mini_tts/ASR/conformer
 hparams=hparams/conformer_ctc.yaml
-extra_options="quick corpus_args canary_args"
+extra_options="quick corpus_args canary_args pretrain_epochs finetune_epochs"
 source ../lib/stages.sh
 source corpus.sh
 quick=false       # true: the same job in about a minute (CI): tiny corpus, model and canaries, 1 epoch

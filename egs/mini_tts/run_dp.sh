@@ -26,8 +26,6 @@ ssl_hparams=""       # the pre-training YAML; empty: hparams/bestrq_dp.yaml (qui
 baseline=""          # true: also fine-tune from scratch (stage 5); empty: false
 parse_options "$@"
 require_bool quick
-{ ! given pretrain_epochs && ! given finetune_epochs; } \
-  || die "--pretrain_epochs / --finetune_epochs are the method comparison's (run.sh); here the DP pre-training is stage 3 (--pretrain_args)"
 if [ "$quick" = true ]; then  # CI: a 60-utterance corpus, the tiny encoder, one epoch each
   given data || data=data_dp_quick; given exp || exp=exp_quick/dp
   : "${corpus_args:=--num-train 60 --num-dev 10 --num-test 10}" "${model_size:=tiny}" \

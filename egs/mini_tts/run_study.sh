@@ -34,8 +34,6 @@ variant_corpus_args=""  # a variant's own fine-tuning corpus in ${data}_$variant
 invocation="egs/mini_tts/run_study.sh$(printf ' %q' "$@")"
 parse_options "$@"
 require_bool quick
-{ ! given pretrain_epochs && ! given finetune_epochs; } \
-  || die "the study's pre-training and fine-tuning lengths are pretrain_epochs and finetune_epochs of --study ($study)"
 if [ "$quick" = true ]; then
   given study || study=conf/study_quick.yaml; given data || data=data_study_quick; given exp || exp=exp_study_quick
   : "${corpus_args:=$quick_corpus_args}" "${canary_args:=$quick_canary_args}"
