@@ -28,6 +28,18 @@ and :math:`\rho` at each ``--per-core`` B::
     privasr-canary-gradients recipes/mini_tts/ASR/conformer/hparams/conformer_ctc.yaml --normal 200 \
         --json exp/canary_gradients.json -- --data_folder egs/mini_tts/data --output_folder exp/none/seed1
 
+**Transcripts.** A canary whose gradient stands out is only an outlier worth clipping if the model
+cannot already transcribe it: the study wants canaries a canary-free model decodes badly (holdout CER
+:math:`\ge 0.95`, mostly empty output). So every measured utterance is also decoded, unless ``--no-decode``,
+by the recipe's own decoding (:meth:`privasr.asr.ASRBrain.decode`: greedy CTC, or prefix beam search
+when ``beam_size`` > 1, or transducer greedy; the tokenizer's decode) in evaluation mode under
+``torch.no_grad``, one utterance at a time, and scored with :func:`privasr.metrics.utterance_cer`
+(jiwer): per group the median and mean per-utterance CER, the corpus CER (:func:`privasr.metrics.cer`,
+as train.py's decode reports it), the fraction of empty transcripts and the median per-utterance loss
+(:meth:`~privasr.asr.ASRBrain.per_utterance_loss`, the ``score`` of ``hyps/*.csv``). This needs no
+canaries in the run's record, so it works on a canary-free pre-training, which ``train.py --mode decode``
+rightly refuses to decode canaries for. A forward pass is cheap next to the backward of the norm.
+
 **Mode.** The model is in training mode (what the clipped gradients come from: any layer whose
 training behaviour is not random, e.g. a BatchNorm, behaves as in training) with its dropout layers
 switched off and no SpecAugment. Dropout and SpecAugment make a training gradient random; its norm
@@ -74,6 +86,8 @@ def _parser() -> CliParser:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the draw of normal utterances (default 0)")
     p.add_argument("--per-core", type=positive_int, nargs="+", default=[1, 2, 4, 8],
                    help="per-core batch sizes B of the prediction (default 1 2 4 8)")
+    p.add_argument("--no-decode", dest="decode", action="store_false",
+                   help="skip the transcripts (greedy CTC decoding, CER, empty fraction; on by default)")
     p.add_argument("--json", type=output_file,
                    help="also write the statistics, the prediction and every per-example norm here")
     return p
@@ -164,7 +178,53 @@ def per_example_norms(brain, dataset, ids: Sequence[str]) -> dict[str, float]:
     return norms
 
 
+def transcribe_examples(brain, dataset, ids: Sequence[str]) -> dict[str, dict]:
+    """``{ID: {ref, hyp, cer, empty, loss}}``: each utterance of ``ids`` decoded alone by the recipe's decoding.
+
+    :meth:`privasr.asr.ASRBrain.compute_forward` / ``decode`` / ``per_utterance_loss`` in evaluation mode
+    (dropout off) under ``torch.no_grad`` and ``--eval_precision``, as ``ASRBrain.transcribe`` decodes;
+    ``cer`` is :func:`privasr.metrics.utterance_cer` (jiwer) against the manifest's ``wrd``, ``empty`` whether
+    the transcript has no character but whitespace, ``loss`` the utterance's loss (``inf``: CTC cannot align).
+    """
+    import speechbrain as sb
+    from speechbrain.dataio.batch import PaddedBatch
+
+    from privasr.metrics import normalize_whitespace, utterance_cer
+
+    brain.modules.eval()
+    position = {uid: i for i, uid in enumerate(dataset.data_ids)}
+    out = {}
+    with torch.no_grad():
+        for uid in ids:
+            batch = PaddedBatch([dataset[position[uid]]])
+            with brain.evaluation_ctx:
+                predictions = brain.compute_forward(batch, sb.Stage.TEST)
+                (loss,) = brain.per_utterance_loss(predictions, batch.to(brain.device)).float().tolist()
+            (hyp,) = brain.decode(predictions, batch)
+            (ref,) = batch.wrd
+            out[uid] = {"ref": ref, "hyp": hyp, "cer": utterance_cer(ref, hyp),
+                        "empty": not normalize_whitespace(hyp), "loss": loss}
+    return out
+
+
 # -- the report --------------------------------------------------------------------------
+def transcript_stats(rows: Sequence[Mapping]) -> dict:
+    """``cer_p50``, ``cer_mean`` (per utterance), ``cer_corpus``, ``empty``, ``empty_fraction`` and ``loss_p50``
+    of :func:`transcribe_examples` rows (``loss_p50`` over the finite losses; None when there is none)."""
+    from privasr.metrics import cer
+
+    if not rows:
+        return {}
+    cers = np.array([row["cer"] for row in rows], dtype=float)
+    losses = np.array([row["loss"] for row in rows], dtype=float)
+    losses = losses[np.isfinite(losses)]
+    empty = sum(bool(row["empty"]) for row in rows)
+    return {"cer_p50": float(np.median(cers)), "cer_mean": float(cers.mean()),
+            "cer_corpus": cer([row["ref"] for row in rows], [row["hyp"] for row in rows]),
+            "empty": empty, "empty_fraction": empty / len(rows),
+            "loss_p50": float(np.median(losses)) if losses.size else None}
+
+
 def group_stats(values: Sequence[float]) -> dict:
     """``n``, ``nonfinite``, ``zero`` and, over the finite non-zero values, ``p10``/``p50``/``p90`` and ``mean``.
 
@@ -190,10 +250,18 @@ def norm_ratios(group: dict, normal: dict) -> dict:
 
 
 def report(canary_norms: Mapping[str, float], normal_norms: Mapping[str, float],
-           counts: Optional[Mapping[str, int]], per_core: Sequence[int]) -> dict:
-    """Statistics per group, ``r`` (overall and per insertion count) and ``rho(r, B)`` per B."""
-    normal = group_stats(list(normal_norms.values()))
-    canaries = group_stats(list(canary_norms.values()))
+           counts: Optional[Mapping[str, int]], per_core: Sequence[int],
+           transcripts: Optional[Mapping[str, Mapping[str, dict]]] = None) -> dict:
+    """Statistics per group, ``r`` (overall and per insertion count) and ``rho(r, B)`` per B.
+
+    With ``transcripts`` (``{"canaries": rows, "normal": rows}`` of :func:`transcribe_examples`), each
+    group also gets the :func:`transcript_stats` of its utterances' transcripts.
+    """
+    def decoded(group: str, ids) -> dict:
+        return {} if transcripts is None else transcript_stats([transcripts[group][uid] for uid in ids])
+
+    normal = {**group_stats(list(normal_norms.values())), **decoded("normal", normal_norms)}
+    canaries = {**group_stats(list(canary_norms.values())), **decoded("canaries", canary_norms)}
     if "p50" not in normal or normal["p50"] <= 0:
         raise UserError(f"no normal utterance with a finite, non-zero gradient norm (of {normal['n']}): "
                         f"cannot form the ratio r")
@@ -207,7 +275,8 @@ def report(canary_norms: Mapping[str, float], normal_norms: Mapping[str, float],
            "predicted": {str(b): {key: predicted_weight_ratio(r, b) for key, r in ratios.items()} for b in per_core},
            "by_insertions": {}}
     for count in sorted(set((counts or {}).values())):
-        group = group_stats([v for uid, v in canary_norms.items() if counts.get(uid) == count])
+        ids = [uid for uid in canary_norms if counts.get(uid) == count]
+        group = {**group_stats([canary_norms[uid] for uid in ids]), **decoded("canaries", ids)}
         ratios = norm_ratios(group, normal)
         predicted = {str(b): None if ratios["r_median"] is None else predicted_weight_ratio(ratios["r_median"], b)
                      for b in per_core}
@@ -220,7 +289,7 @@ def _cell(value: Optional[float]) -> str:
 
 
 def markdown(result: dict, per_core: Sequence[int]) -> str:
-    """The norms per group and the prediction per B, as two markdown tables."""
+    """The norms per group (and their transcripts' CER, when decoded) and the prediction per B, as markdown tables."""
     names = ["p10", "p50", "p90", "mean"]
     groups = [("normal", result["normal"]), ("canaries", result["canaries"])]
     groups += [(f"canaries x{count}", group) for count, group in result["by_insertions"].items()]
@@ -232,6 +301,14 @@ def markdown(result: dict, per_core: Sequence[int]) -> str:
         ["per-core batch B", "predicted, r from medians", "predicted, r from means"],
         [[f"{b}{' (PEC)' if b == 1 else ''}", _cell(result["predicted"][str(b)]["r_median"]),
           _cell(result["predicted"][str(b)]["r_mean"])] for b in per_core])
+    if "cer_mean" in result["normal"]:
+        norms += ["", *table_lines(
+            ["utterances", "n", "CER median", "CER mean", "CER corpus", "empty transcripts", "loss median"],
+            [[name, group["n"], _cell(group["cer_p50"]), _cell(group["cer_mean"]), _cell(group["cer_corpus"]),
+              f"{group['empty_fraction']:.0%} ({group['empty']})", _cell(group["loss_p50"])]
+             for name, group in groups]),
+            "", "Greedy transcripts of the same utterances in evaluation mode (the recipe's decoding; CER: jiwer, "
+                "a fraction; loss: the per-utterance loss, hyps/*.csv's score)."]
     note = ("Predicted cut of a canary's weight relative to a normal utterance's when every core is clipped: "
             "√(r² + B − 1) / √B (B = 1: per-example clipping, the factor r).")
     return "\n".join([*norms, "", note, "", *predicted])
@@ -279,7 +356,11 @@ def _main(argv: Sequence[str] | None) -> None:
     measured_canaries = list(datasets["canaries"].data_ids)  # those within max_duration (make_dataset warns)
     canary_norms = per_example_norms(brain, datasets["canaries"], measured_canaries)
     normal_norms = per_example_norms(brain, datasets["normal"], normal_ids)
-    result = report(canary_norms, normal_norms, counts, args.per_core)
+    transcripts = None
+    if args.decode:
+        transcripts = {"canaries": transcribe_examples(brain, datasets["canaries"], measured_canaries),
+                       "normal": transcribe_examples(brain, datasets["normal"], normal_ids)}
+    result = report(canary_norms, normal_norms, counts, args.per_core, transcripts)
     print(markdown(result, args.per_core))
     if args.json:
         record = {**checkpoint_record(save_folder), "canaries_csv": os.path.abspath(canaries_csv),
@@ -288,6 +369,9 @@ def _main(argv: Sequence[str] | None) -> None:
                   "loss_reduction": hparams.get("loss_reduction"), **result,
                   "norms": {"canaries": {k: _finite_or_none(v) for k, v in canary_norms.items()},
                             "normal": {k: _finite_or_none(v) for k, v in normal_norms.items()}}}
+        if transcripts is not None:
+            record["transcripts"] = {group: {uid: {**row, "loss": _finite_or_none(row["loss"])}
+                                             for uid, row in rows.items()} for group, rows in transcripts.items()}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
