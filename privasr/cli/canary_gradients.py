@@ -307,8 +307,8 @@ def markdown(result: dict, per_core: Sequence[int]) -> str:
             [[name, group["n"], _cell(group["cer_p50"]), _cell(group["cer_mean"]), _cell(group["cer_corpus"]),
               f"{group['empty_fraction']:.0%} ({group['empty']})", _cell(group["loss_p50"])]
              for name, group in groups]),
-            "", "Greedy transcripts of the same utterances in evaluation mode (the recipe's decoding; CER: jiwer, "
-                "a fraction; loss: the per-utterance loss, hyps/*.csv's score)."]
+            "", "Transcripts of the same utterances in evaluation mode, by the recipe's decoding (greedy CTC at "
+                "beam_size 1); CER: jiwer, a fraction; loss: the utterance's whole loss, hyps/*.csv's score."]
     note = ("Predicted cut of a canary's weight relative to a normal utterance's when every core is clipped: "
             "√(r² + B − 1) / √B (B = 1: per-example clipping, the factor r).")
     return "\n".join([*norms, "", note, "", *predicted])
