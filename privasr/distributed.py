@@ -91,6 +91,7 @@ class CoreAccumulator:
         self.total_numel = sum(self.numels)
         self._device = self.params[0].device if self.params else torch.device("cpu")
         self._buffer: Optional[torch.Tensor] = None
+        self._views: list[torch.Tensor] = []
         self.norms: list[torch.Tensor] = []
         self.local_min_norm = math.inf
 
@@ -101,6 +102,7 @@ class CoreAccumulator:
         if self._buffer is None:
             self._buffer = torch.zeros(self.total_numel + len(self.params) + 1, dtype=torch.float32,
                                        device=self._device)
+            self._views = list(self.flat.split(self.numels))  # each parameter's part, flat
         return self._buffer
 
     @property
@@ -132,21 +134,37 @@ class CoreAccumulator:
         norms = core_norms(stacked_grads)
         finite = torch.isfinite(norms)
         factors = self._local_factors(norms).to(torch.float32)
-        offset = 0
+        # Decided once per call, not per parameter (each check is a host sync on a GPU):
+        # torch.where, not a product, drops a non-finite core: 0 * NaN would poison the sum.
+        keep = None if bool(finite.all()) else finite.to(self._device).unsqueeze(1)
+        factor = float(factors[0]) if num_cores == 1 else None
+        factors = factors.to(self._device)
+        parts, used = self._parts(), []
         for index, (g, numel) in enumerate(zip(stacked_grads, self.numels)):
-            if g is not None:
-                g = g.detach().reshape(num_cores, numel).to(torch.float32)
-                if not bool(finite.all()):  # torch.where, not a product: 0 * NaN would poison the sum
-                    g = torch.where(finite.to(g.device).unsqueeze(1), g, torch.zeros_like(g))
-                target = self.flat[offset: offset + numel]
-                if num_cores == 1:  # in place, no temporary the size of the gradient
-                    target.add_(g[0], alpha=float(factors[0]))
-                else:
-                    target.addmv_(g.t(), factors.to(g.device))
-                self.has_grad[index] = 1.0
-            offset += numel
+            if g is None:
+                continue
+            g = g.detach().reshape(num_cores, numel).to(torch.float32)
+            if keep is not None:
+                g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            if num_cores == 1:  # in place, no temporary the size of the gradient
+                parts[index].add_(g[0], alpha=factor)
+            else:
+                parts[index].addmv_(g.t(), factors)
+            used.append(index)
+        self._mark(used)
         self._count_cores(norms)
         return norms
+
+    def _parts(self) -> list[torch.Tensor]:
+        """Each parameter's part of :attr:`flat` as a flat view (made with the buffer, at the first use)."""
+        if self._buffer is None:
+            _ = self.buffer
+        return self._views
+
+    def _mark(self, used: list) -> None:
+        """Set the has-gradient flags of the parameters ``used`` (one op, not one per parameter)."""
+        if used:
+            self.has_grad[torch.tensor(used, device=self._device)] = 1.0
 
     def add_clipped_sum(self, norms: torch.Tensor, clipped_sum: Callable[[torch.Tensor, torch.Tensor], Sequence]
                         ) -> torch.Tensor:
@@ -172,15 +190,16 @@ class CoreAccumulator:
         if len(grads) != len(self.params):
             raise ValueError(f"clipped_sum returned {len(grads)} gradients for the accumulator's {len(self.params)} "
                              f"parameters: return one per parameter, in order (None for an unused one)")
-        offset = 0
-        for index, (g, param, numel) in enumerate(zip(grads, self.params, self.numels)):
-            if g is not None:
-                if g.numel() != numel:
-                    raise ValueError(f"clipped_sum's gradient {index} has {g.numel()} elements, its parameter "
-                                     f"{tuple(param.shape)} has {numel}")
-                self.flat[offset: offset + numel].add_(g.detach().reshape(-1).to(torch.float32))
-                self.has_grad[index] = 1.0
-            offset += numel
+        used = [index for index, g in enumerate(grads) if g is not None]
+        for index in used:
+            if grads[index].numel() != self.numels[index]:
+                raise ValueError(f"clipped_sum's gradient {index} has {grads[index].numel()} elements, its parameter "
+                                 f"{tuple(self.params[index].shape)} has {self.numels[index]}")
+        if used:  # one call for every parameter (the per-parameter adds cost a dispatch each)
+            parts = self._parts()
+            torch._foreach_add_([parts[i] for i in used],
+                                [grads[i].detach().reshape(-1).to(torch.float32) for i in used])
+        self._mark(used)
         self._count_cores(norms)
         return norms
 
@@ -238,15 +257,10 @@ class CoreAccumulator:
         return clip_factors(norms, self.method, self.bound)[0]
 
     def _unflatten(self) -> list[Optional[torch.Tensor]]:
-        grads, offset = [], 0
-        for index, (param, numel) in enumerate(zip(self.params, self.numels)):
-            if self.has_grad[index] > 0:
-                # views of the step's buffer (a fresh accumulator each step), copied only to change dtype
-                grads.append(self.flat[offset: offset + numel].view_as(param).to(param.dtype))
-            else:
-                grads.append(None)
-            offset += numel
-        return grads
+        flags = self.has_grad.tolist()  # one read, not one per parameter
+        # views of the step's buffer (a fresh accumulator each step), copied only to change dtype
+        return [view.view_as(param).to(param.dtype) if flag > 0 else None
+                for view, param, flag in zip(self._parts(), self.params, flags)]
 
 
 def gather_norms(local_norms: torch.Tensor, group=None) -> torch.Tensor:

@@ -183,6 +183,26 @@ def test_broadcast_bias_and_shared_input_linear():
     assert_norms_match(model, square_loss(model), seq_batch())
 
 
+def test_weighted_sum_by_rows_on_a_shared_input_linear_drops_a_unit():
+    """One row of weights per parameter ([G, K], rows[p]), the shared-input Linear summed as (sum_k w_k g_k)^T a,
+    the plain per-unit pieces summed in one product: each parameter's sum_k w_k grad_k by vmap, unit 2 left out."""
+    torch.manual_seed(0)
+    model = BiasAndShared()
+    x, w = seq_batch()
+    loss = square_loss(model)
+    result = ghost_pass(model, loss, (x, w))
+    grads = vmap_reference(model, loss, (x, w))
+    weights = torch.tensor([[0.5, -1.0, 7.0, 2.0], [1.5, 0.25, -3.0, 1.0]], dtype=torch.float64)
+    keep = torch.tensor([True, True, False, True])
+    rows = [1, 0]  # bias_u, linear_pos.weight
+    got = result.weighted_sum(weights, keep, [g.shape[1:] for g in grads], rows=rows)
+    for g, row, total in zip(grads, rows, got):
+        expected = torch.einsum("k,k...->...", (weights[row] * keep).to(g.dtype), g)
+        assert torch.allclose(total, expected, rtol=RTOL, atol=1e-6), float((total - expected).abs().max())
+    with pytest.raises(ValueError, match="one row index per parameter"):
+        result.weighted_sum(weights, keep, [g.shape[1:] for g in grads], rows=[0])
+
+
 def test_shared_weights_take_the_norm_of_the_sum(caplog):
     torch.manual_seed(0)
 

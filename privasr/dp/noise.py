@@ -133,9 +133,43 @@ def privatize(local_sums: Grads, noise_multiplier: float, max_norm: float, expec
         expected_batch_size: :math:`qN` (global, e.g. ``PoissonBatchSampler.expected_batch_size``).
         generator: the noise source; only used on rank 0.
         rank: defaults to the process-group rank (0 when not distributed).
+
+    Computed in one flat buffer (one copy of the sums, then in place: noise, all-reduce, division);
+    the values are those of :func:`noise_for_rank` + :func:`all_reduce_sum` + :func:`normalize`
+    bit for bit: the noise is drawn parameter by parameter in order, each draw exactly
+    ``torch.randn(shape, generator=generator)``, then scaled by :math:`\sigma C` (the per-parameter
+    calls cost one dispatch each, the flat ones one pass over the gradient instead of five).
     """
     if rank is None:
         rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
-    noise = noise_for_rank(rank, local_sums, noise_multiplier, max_norm, generator)
-    noisy = [None if g is None else g + z for g, z in zip(local_sums, noise)]
-    return normalize(all_reduce_sum(noisy, group), expected_batch_size)
+    if int(rank) != rank or rank < 0:
+        raise ValueError(f"rank must be an integer >= 0, got {rank!r}")
+    std = _check_scale(noise_multiplier, max_norm)
+    if not expected_batch_size > 0.0:
+        raise ValueError(f"expected_batch_size (q*N) must be > 0, got {expected_batch_size!r}")
+    present = [g for g in local_sums if g is not None]
+    if not present:
+        return list(local_sums)
+    if len({(g.dtype, g.device) for g in present}) > 1:  # one flat buffer would change their dtypes
+        noise = noise_for_rank(rank, local_sums, noise_multiplier, max_norm, generator)
+        noisy = [None if g is None else g + z for g, z in zip(local_sums, noise)]
+        return normalize(all_reduce_sum(noisy, group), expected_batch_size)
+    flat = torch.cat([g.reshape(-1) for g in present])
+    if rank == 0:
+        flat.add_(_flat_gaussian(present, std, generator).to(flat.device))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat.div_(expected_batch_size)
+    chunks = iter(flat.split([g.numel() for g in present]))
+    return [None if g is None else next(chunks).view_as(g) for g in local_sums]
+
+
+def _flat_gaussian(like: Sequence[torch.Tensor], std: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """:func:`gaussian_noise` of ``like`` (no None) as one flat tensor: the same draws, in order, on the generator's device."""
+    device = generator.device if generator is not None else like[0].device
+    noise = torch.empty(sum(t.numel() for t in like), dtype=like[0].dtype, device=device)
+    offset = 0
+    for t in like:  # torch.randn(shape) is empty(shape).normal_(): the same numbers into a view
+        noise[offset: offset + t.numel()].normal_(generator=generator)
+        offset += t.numel()
+    return noise.mul_(std)

@@ -260,10 +260,9 @@ class PerLayerClipper:
         if missing:
             raise ValueError(f"sq_norms lacks {len(missing)} trained parameter(s) of the clipper, e.g. "
                              f"{missing[0]!r}: build both from the same (frozen-after) model")
-        first = sq_norms[self.names[0]]
-        sq = torch.zeros(len(self.bounds), first.shape[0], dtype=torch.float64, device=first.device)
-        for name, k in zip(self.names, self.group_of):
-            sq[k] += sq_norms[name].to(torch.float64)
+        per_parameter = torch.stack([sq_norms[n] for n in self.names]).to(torch.float64)  # [P, B]
+        sq = per_parameter.new_zeros(len(self.bounds), per_parameter.shape[1])
+        sq.index_add_(0, torch.tensor(self.group_of, device=sq.device), per_parameter)  # one op, not one per parameter
         finite = torch.isfinite(sq).all(dim=0)
         sq = torch.where(finite, sq, torch.zeros((), dtype=sq.dtype, device=sq.device))
         factors, clipped = group_factors(sq, finite, self.bounds)

@@ -32,7 +32,6 @@ is its per-core sibling, whose factor is one scalar per core).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -125,14 +124,12 @@ def ghost_clipped_sum(module: torch.nn.Module, loss_fn, tensors: Sequence[torch.
         raise ValueError("the clipper's parameters are not the module's trained parameters in order; rebuild the "
                          "clipper after freezing (DPSGDBrain.clipper() does)")
     factors, finite, clipped = clipper.factors_from_sq_norms(result.sq_norms)
-    params = dict(trainable_parameters(module))
-    summed: dict = {}
-    for k, members in enumerate(clipper.groups.values()):
-        group = dataclasses.replace(result, names=list(members))  # the same records, this group's parameters
-        for name, total in zip(members, group.weighted_sum(factors[k], finite, [params[n].shape for n in members])):
-            summed[name] = torch.zeros_like(params[name]) if total is None else total  # unused: zero gradient
+    params = [p for _, p in trainable_parameters(module)]
+    # one pass over the records, each parameter weighted by its group's row of factors [K groups, B]
+    totals = result.weighted_sum(factors, finite, [p.shape for p in params], rows=clipper.group_of)
+    summed = [torch.zeros_like(p) if total is None else total for p, total in zip(params, totals)]  # unused: zero
     kept = int(finite.sum())
-    return ClipResult([summed[n] for n in clipper.names], kept, int(finite.numel()) - kept, clipped), result.losses
+    return ClipResult(summed, kept, int(finite.numel()) - kept, clipped), result.losses
 
 
 @dataclass

@@ -72,30 +72,50 @@ class GhostPass:
         """``[K]`` float64: per-parameter squared norms combined in float64 (as core_norms does)."""
         return torch.stack([self.sq_norms[n] for n in self.names]).sum(0).sqrt()
 
-    def weighted_sum(self, weights: torch.Tensor, keep: torch.Tensor, shapes: Sequence[torch.Size]
-                     ) -> list[Optional[torch.Tensor]]:
-        r"""Book-keeping: :math:`\sum_{i \in \text{keep}} w_i \nabla \ell_i` per parameter (None if unused)."""
-        out = []
+    def weighted_sum(self, weights: torch.Tensor, keep: torch.Tensor, shapes: Sequence[torch.Size],
+                     rows: Optional[Sequence[int]] = None) -> list[Optional[torch.Tensor]]:
+        r"""Book-keeping: :math:`\sum_{i \in \text{keep}} w_i \nabla \ell_i` per parameter (None if unused).
+
+        ``weights``: ``[K]``, the same for every parameter; or ``[G, K]`` with ``rows[p]`` the row
+        parameter ``p`` is weighted by (per-layer clipping: one factor per (layer, unit)).
+
+        The plain per-unit gradients (biases, LayerNorm) of the parameters sharing a row are summed
+        as one product, ``w @ [K, sum of their sizes]``, not one product each.
+        """
+        if rows is None:
+            weights, rows = weights.unsqueeze(0), [0] * len(self.names)
+        if weights.dim() != 2 or len(rows) != len(self.names):
+            raise ValueError(f"weights must be [K] or [G, K] with one row index per parameter ({len(self.names)}), "
+                             f"got {tuple(weights.shape)} and {len(rows)} rows")
         keep = None if bool(keep.all()) else keep  # checked once, not per piece
-        for name, shape in zip(self.names, shapes):
+        cast: dict = {}
+
+        def w(row: int, dtype: torch.dtype) -> torch.Tensor:  # each row converted once per dtype
+            key = (row, dtype)
+            if key not in cast:
+                cast[key] = weights[row].to(dtype)
+            return cast[key]
+
+        totals: list = [None] * len(self.names)
+        plain: dict = {}  # (row, dtype) -> [(parameter index, per-unit gradients [K, numel])]
+        for index, (name, row) in enumerate(zip(self.names, rows)):
             if name in self.fallback_grads:
-                per_unit = _keep_rows(self.fallback_grads[name].reshape(len(weights), -1), keep)
-                total = weights.to(per_unit.dtype) @ per_unit
+                per_unit = _keep_rows(self.fallback_grads[name].reshape(weights.shape[1], -1), keep)
+                totals[index] = w(row, per_unit.dtype) @ per_unit
             elif self.pieces.get(name):
-                total = None
                 for piece in self.pieces[name]:
                     if isinstance(piece, _PIECES):
-                        part = piece.weighted_sum(weights, keep)
+                        part = piece.weighted_sum(w(row, piece.dtype), keep)
+                        totals[index] = part if totals[index] is None else totals[index] + part
                     else:
-                        part = weights.to(piece.dtype) @ _keep_rows(piece, keep)
-                    total = part if total is None else total + part
+                        plain.setdefault((row, piece.dtype), []).append((index, piece))
             elif name in self.recorded:  # its recorded uses got no gradient
-                total = torch.zeros_like(self.recorded[name])
-            else:
-                out.append(None)
-                continue
-            out.append(total.reshape(shape))
-        return out
+                totals[index] = torch.zeros_like(self.recorded[name])
+        for (row, dtype), items in plain.items():
+            stacked = _keep_rows(torch.cat([piece for _, piece in items], 1), keep)
+            for (index, _), part in zip(items, (w(row, dtype) @ stacked).split([p.shape[1] for _, p in items])):
+                totals[index] = part if totals[index] is None else totals[index] + part
+        return [None if total is None else total.reshape(shape) for total, shape in zip(totals, shapes)]
 
 
 def ghost_pass(model: torch.nn.Module, loss_fn: LossFn, tensors: Sequence[torch.Tensor],
@@ -154,7 +174,8 @@ def ghost_pass(model: torch.nn.Module, loss_fn: LossFn, tensors: Sequence[torch.
         fallback_grads = {}
     order = [n for n, _ in named]
     for name in order:
-        sq_norms.setdefault(name, torch.zeros(num_units, dtype=torch.float64))
+        if name not in sq_norms:  # (not setdefault: its default would be made for every name)
+            sq_norms[name] = torch.zeros(num_units, dtype=torch.float64)
     graph = (losses, [p for _, p in named]) if keep_graph else None
     recorded = {n: p for n, p in named if n in recorder.uses and n not in fallback}
     return GhostPass(order, {n: sq_norms[n] for n in order}, losses.detach(), fallback, recorder.pieces,

@@ -67,6 +67,11 @@ class _Seq:
         return self.groups, self.d_in, self.d_out
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of its weighted sum (that of the per-unit gradients, or of ``g``)."""
+        return (self.g if self._grads is None else self._grads).dtype
+
+    @property
     def ghost(self) -> bool:
         """Whether the ghost form is the cheaper one: ``d_in d_out >= L^2`` (mixed ghost clipping)."""
         return self.d_in * self.d_out >= self.length ** 2
@@ -107,7 +112,13 @@ class _Seq:
         """
         if self._grads is not None:
             return weights.to(self._grads.dtype) @ _keep_rows(self._grads, keep)
-        a, g = _keep_rows(self.a, keep), _keep_rows(self.g, keep)
+        g = _keep_rows(self.g, keep)
+        if self.a.stride(0) == 0 and self.groups == 1:
+            # An input shared by every unit (a_kl = a_l): sum_k w_k sum_l g_kl^T a_l
+            # = sum_l (sum_k w_k g_kl)^T a_l, one [L, d_out] weighted sum of g, never the expanded a.
+            summed = (weights.to(g.dtype) @ g.reshape(self.units, -1)).view(self.length, self.d_out)
+            return (summed.T @ self.a[0, 0]).reshape(-1)
+        a = _keep_rows(self.a, keep)
         scale = weights.to(g.dtype).view(-1, 1, 1, 1)
         if self.groups > 1:
             return torch.einsum("ngli,nglo->goi", a, g * scale).reshape(-1)
@@ -144,6 +155,7 @@ class _Conv:
         return ("conv",) + self.weight_shape + (self.stride, self.padding, self.dilation, self.groups)
 
     ghost = _Seq.ghost
+    dtype = _Seq.dtype
 
     def _weight_grad(self, x: torch.Tensor, g: torch.Tensor, copies: int) -> torch.Tensor:
         """``convolution_backward``'s weight gradient for ``copies`` stacked weights (groups ``copies * G``)."""
