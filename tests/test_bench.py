@@ -1,5 +1,10 @@
 """The benchmarks run end to end on a tiny model (their figures are measured by hand, not asserted here)."""
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +59,64 @@ def test_recipe_bench_refuses_a_folder_without_a_corpus(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("privasr-bench-recipe: error: ") and "train.csv not found" in err[0]
 
+
+# -- a worker that dies; the row's process group really ending -----------------------------------
+ONE = [*TINY[2:], "--nproc", "1"]  # TINY on one process: a row is one spawned worker
+
+
+def _abort_worker(rank, *args):  # spawned by reference (tests.test_bench._abort_worker): a C++ abort's signal
+    os.abort()
+
+
+def _raising_worker(rank, *args):
+    raise RuntimeError("the row's all_reduce failed (test)")
+
+
+def test_a_worker_killed_by_a_signal_ends_the_bench_in_one_line_status_1(monkeypatch, capfd):
+    monkeypatch.setattr(bench_dp, "_worker", _abort_worker)  # measure() spawns whatever _worker is now
+    assert bench_dp.main([*ONE, "--rows", "dp-flat-ghost"]) == 1
+    captured = capfd.readouterr()  # the file descriptors: the spawned process's stderr too
+    assert "Traceback" not in captured.err and "| none |" not in captured.out
+    errors = [line for line in captured.err.splitlines() if "error" in line]
+    assert errors == [("privasr-bench-dp: error: row none: worker process 0 of 1 was killed by SIGABRT "
+                       "(its own message, if it wrote one, is above)")]
+
+
+def test_a_worker_exception_ends_the_bench_in_one_line_status_1(monkeypatch, capfd):
+    monkeypatch.setattr(bench_clipping, "_worker", _raising_worker)
+    assert bench_clipping.main([*ONE, "--strategies", "pcc"]) == 1
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err
+    errors = [line for line in captured.err.splitlines() if "error" in line]
+    assert errors == [("privasr-bench: error: row none: worker process 0 of 1 raised RuntimeError: the row's "
+                       "all_reduce failed (test)")]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists the process's threads in /proc")
+def test_a_rows_process_group_and_its_threads_end_with_the_row():
+    """After a row's worker returns, none of its process group's threads (gloo's, the store server's) is left.
+
+    A group left alive past destroy_process_group runs its threads into the interpreter's finalization
+    and exit() (the likely cause of privasr-bench-dp's rare SIGABRT at a row's end). The step's optimizer, made after
+    init_process_group, imports torch.distributed.nn (through torch._dynamo), whose default arguments
+    would hold the group; so this runs in a fresh interpreter, where nothing imported it before.
+    """
+    code = textwrap.dedent(f"""
+        import glob, json, tempfile
+        from privasr.cli import bench_clipping
+
+        def threads():
+            return {{(p, open(p + "/comm").read().strip()) for p in glob.glob("/proc/self/task/*")}}
+
+        args = bench_clipping.parse_args({[*ONE, "--strategies", "none"]!r})
+        before = threads()
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_clipping._worker(0, 1, bench_clipping._free_port(), args, "none", tmp + "/result.json")
+            assert json.load(open(tmp + "/result.json"))["median_s"] > 0
+        print(json.dumps(sorted(name for _, name in threads() - before)))
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          check=False, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [], "threads left alive after the row's shutdown"

@@ -8,6 +8,10 @@ measured in the same run.
 Strategies: ``ddp`` (torch's DistributedDataParallel, for reference), ``none``, ``global``,
 ``pcc``, ``apcc`` (one core per process, the paper's setting), ``pcc-vK`` (K virtual
 cores per process, loop), ``pec-vmap`` and ``pec-loop`` (one core per example).
+
+A row whose worker process dies (a signal, an exit status, an exception) ends the command with one
+line ``<prog>: error: row R: worker process N was killed by SIGABRT ...`` and exit status 1
+(:func:`spawn_row`), never a traceback; ``PRIVASR_DEBUG=1`` re-raises torch's exception.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # before any process group exists: see _worker
 import torch.multiprocessing as mp
 
 from privasr.cli import CliParser, nonnegative_int, output_file, positive_float, positive_int, run_cli
@@ -117,6 +122,17 @@ def _step_fn(args, model, batch, strategy):
 
 
 def _worker(rank, world_size, port, args, strategy, out_path):
+    """One rank of a row: its own process group, the row's steps timed, rank 0 writes the result.
+
+    The group must really end with the row (:func:`privasr.distributed.ordered_shutdown`), or its gloo
+    threads and the rendezvous store's server thread still run while the interpreter finalizes and
+    ``exit()`` runs the C++ static destructors (the likely cause of a rare SIGABRT after a row's figures
+    were written; pytorch/pytorch#179291 describes that abort for a group left alive at exit). That needs
+    ``torch.distributed.nn`` imported before the group exists (this module does, at its top): its
+    functions bind ``group=group.WORLD`` as default arguments when first imported, and torch.optim
+    imports it lazily (through ``torch._dynamo``) at the first optimizer, after ``init_process_group``;
+    those defaults would then hold the group for the life of the process, past destroy_process_group.
+    """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
@@ -181,12 +197,40 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def measure(args, strategy):
+class WorkerDied(Exception):
+    """A row's worker process ended with a signal, an exit status or an exception: the row has no figures."""
+
+
+def spawn_row(worker, args, row) -> dict:
+    """``worker(rank, nproc, port, args, row, out_path)`` in ``args.nproc`` fresh processes; the JSON rank 0 wrote.
+
+    A process that dies is :class:`WorkerDied`, one line naming the row, the process and the signal,
+    exit status or exception (torch's exception carries the child's traceback as text; only its last
+    line, the exception itself, is kept).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(args.nproc, _free_port(), args, strategy, out), nprocs=args.nproc, join=True)
+        try:
+            mp.spawn(worker, args=(args.nproc, _free_port(), args, row, out), nprocs=args.nproc, join=True)
+        except mp.ProcessExitedException as err:
+            if os.environ.get("PRIVASR_DEBUG"):
+                raise
+            how = (f"was killed by {err.signal_name} (its own message, if it wrote one, is above)"
+                   if err.signal_name else f"exited with status {err.exit_code}")
+            raise WorkerDied(f"row {row}: worker process {err.error_index} of {args.nproc} {how}") from None
+        except mp.ProcessRaisedException as err:
+            if os.environ.get("PRIVASR_DEBUG"):
+                raise
+            lines = [line.strip() for line in err.msg.splitlines() if line.strip()]
+            raise WorkerDied(f"row {row}: worker process {err.error_index} of {args.nproc} raised "
+                             f"{lines[-1] if lines else 'an exception'}") from None
         with open(out) as f:
             return json.load(f)
+
+
+def measure(args, strategy):
+    """Median step time and peak step memory of one strategy, in a fresh group of processes."""
+    return spawn_row(_worker, args, strategy)
 
 
 def markdown_table(results, reference="none"):
@@ -272,12 +316,20 @@ def parse_args(argv=None):
     return args
 
 
-def run_rows(args, rows, measure_row, details: str = "") -> dict:
-    """Measure every row in turn, print the settings and the markdown table, write ``--json``."""
+def run_rows(args, rows, measure_row, details: str = "", prog: str = PROG) -> int:
+    """Measure every row in turn, print the settings and the markdown table, write ``--json``; the exit status.
+
+    A row whose worker died (:class:`WorkerDied`) ends the run there: one line ``<prog>: error: ...``
+    on stderr, no table, status 1.
+    """
     results = {}
     for row in rows:
         print(f"measuring {row} ...", file=sys.stderr, flush=True)
-        results[row] = measure_row(args, row)
+        try:
+            results[row] = measure_row(args, row)
+        except WorkerDied as err:
+            print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+            return 1
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu (gloo)"
     print(f"\n{args.nproc} processes on {device}; per process: {args.batch} utterances of <= {args.seconds}s, "
           f"Conformer d={args.d_model} x{args.layers}; {details}median of {args.steps} steps\n")
@@ -286,16 +338,16 @@ def run_rows(args, rows, measure_row, details: str = "") -> dict:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"settings": vars(args), "results": results}, f, indent=2)
-    return results
+    return 0
 
 
 def _main(argv=None):
     args = parse_args(argv)
-    run_rows(args, args.strategies, measure, details=f"{args.precision}; ")
+    return run_rows(args, args.strategies, measure, details=f"{args.precision}; ")
 
 
 def main(argv=None) -> int:
-    """Console-script entry point; returns the exit status (bad input: one line, 2)."""
+    """Console-script entry point; returns the exit status (bad input: one line, 2; a worker died: one line, 1)."""
     return run_cli(_main, argv, prog=PROG)
 
 

@@ -18,13 +18,9 @@ default rows put the three routes side by side for flat and dim clipping.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 
 import torch
-import torch.multiprocessing as mp
 
 from privasr.cli import CliParser, bench_clipping, fraction, positive_int, run_cli
 
@@ -104,12 +100,8 @@ def _worker(rank, world_size, port, args, row, out_path):
 
 
 def measure(args, row):
-    """Median step time and peak step memory of one row, in a fresh group of processes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(args.nproc, bench_clipping._free_port(), args, row, out), nprocs=args.nproc, join=True)
-        with open(out) as f:
-            return json.load(f)
+    """Median step time and peak step memory of one row, in a fresh group of processes (a death: one line)."""
+    return bench_clipping.spawn_row(_worker, args, row)
 
 
 def parse_args(argv=None):
@@ -142,12 +134,12 @@ def parse_args(argv=None):
 
 def _main(argv=None):
     args = parse_args(argv)
-    bench_clipping.run_rows(args, args.rows, measure, f"rows without a route: {args.grad_mode}; -freeze rows: "
-                            f"{args.freeze_fraction:.0%} of the layers frozen; ")
+    return bench_clipping.run_rows(args, args.rows, measure, f"rows without a route: {args.grad_mode}; -freeze rows: "
+                                   f"{args.freeze_fraction:.0%} of the layers frozen; ", prog=PROG)
 
 
 def main(argv=None) -> int:
-    """Console-script entry point; returns the exit status (bad input: one line, 2)."""
+    """Console-script entry point; returns the exit status (bad input: one line, 2; a worker died: one line, 1)."""
     return run_cli(_main, argv, prog=PROG)
 
 
