@@ -35,6 +35,12 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+# Before any process group exists, on purpose: torch.distributed.nn.functional binds ``group=group.WORLD`` as
+# default arguments when first imported, and torch.optim imports it lazily (through torch._dynamo) at the first
+# optimizer, after init_process_group; those defaults would then hold the default group for the life of the
+# process, so destroy_process_group could not free it, and its gloo threads and the store's server thread would
+# run on into the interpreter's exit (see shutdown_process_group).
+import torch.distributed.nn  # noqa: F401
 
 from privasr.clipping import AggregationStats, check_method, clip_factors, core_norm, core_norms, global_clip_factor
 
@@ -311,7 +317,8 @@ def shutdown_process_group(failed: bool = False, timeout: Optional[timedelta] = 
 
     Either way ``destroy_process_group()`` runs now, while the interpreter is alive: a group left
     to the interpreter's exit is torn down during finalization, where the backend's threads cannot
-    be joined cleanly (``terminate called without an active exception``, SIGABRT). Never raises
+    be joined cleanly (``terminate called without an active exception``, SIGABRT). That frees the group only
+    if nothing else holds it: this module imports ``torch.distributed.nn`` first for that reason. Never raises
     (it runs on error paths, where it must not hide the original error); returns True when it
     destroyed a group.
     """

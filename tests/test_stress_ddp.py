@@ -8,6 +8,7 @@ teardown, three of them side by side (``tools/stress_ddp.sh`` repeats the whole 
 Run by torchrun, this module is that training: ``torchrun --nproc_per_node 2 -m tests.test_stress_ddp OUT``.
 """
 import contextlib
+import json
 import sys
 import time
 from datetime import timedelta
@@ -86,6 +87,35 @@ def _two_endings(rank, world_size, out):
         shutdown_process_group(timeout=timedelta(seconds=1))
     times["failed_left"], times["failed_initialized"] = time.time(), dist.is_initialized()
     torch.save(times, f"{out}.{rank}")
+
+
+def test_a_group_destroyed_after_an_optimizer_leaves_no_thread_behind(tmp_path):
+    """The recipes' order (privasr.distributed imported, group made, then the first optimizer) frees the group.
+
+    torch.optim imports torch.distributed.nn at the first optimizer (through torch._dynamo); imported after the
+    group exists, its ``group=WORLD`` default arguments would hold the group past destroy_process_group, and its
+    gloo and store threads would run into interpreter exit (a rare SIGABRT). privasr.distributed imports it
+    first; a fresh interpreter, since this one imported it long ago.
+    """
+    code = f"""
+import glob, json
+import torch, torch.distributed as dist
+from privasr.distributed import shutdown_process_group
+
+def threads():
+    return {{(p, open(p + "/comm").read().strip()) for p in glob.glob("/proc/self/task/*")}}
+
+before = threads()
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+model = torch.nn.Linear(3, 2)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+model(torch.ones(1, 3)).sum().backward()
+optimizer.step()
+assert shutdown_process_group() is True
+print(json.dumps(sorted(name for _, name in threads() - before)))
+"""
+    done = start_python("-c", code).communicate(timeout=120)
+    assert json.loads(done[0].strip().splitlines()[-1]) == [], f"threads left alive after the shutdown: {done}"
 
 
 def test_finished_ranks_meet_and_a_failed_rank_does_not_wait(tmp_path):

@@ -25,7 +25,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # before any process group exists: see _worker
 import torch.multiprocessing as mp
 
 from privasr.cli import CliParser, nonnegative_int, output_file, positive_float, positive_int, run_cli
@@ -128,7 +127,7 @@ def _worker(rank, world_size, port, args, strategy, out_path):
     threads and the rendezvous store's server thread still run while the interpreter finalizes and
     ``exit()`` runs the C++ static destructors (the likely cause of a rare SIGABRT after a row's figures
     were written; pytorch/pytorch#179291 describes that abort for a group left alive at exit). That needs
-    ``torch.distributed.nn`` imported before the group exists (this module does, at its top): its
+    ``torch.distributed.nn`` imported before the group exists (privasr.distributed, imported above, does): its
     functions bind ``group=group.WORLD`` as default arguments when first imported, and torch.optim
     imports it lazily (through ``torch._dynamo``) at the first optimizer, after ``init_process_group``;
     those defaults would then hold the group for the life of the process, past destroy_process_group.
