@@ -70,6 +70,16 @@ def _check_scale(noise_multiplier: float, max_norm: float) -> float:
     return float(noise_multiplier) * float(max_norm)
 
 
+def _check_rank(rank) -> None:
+    if int(rank) != rank or rank < 0:
+        raise ValueError(f"rank must be an integer >= 0, got {rank!r}")
+
+
+def _check_expected_batch_size(expected_batch_size: float) -> None:
+    if not expected_batch_size > 0.0:
+        raise ValueError(f"expected_batch_size (q*N) must be > 0, got {expected_batch_size!r}")
+
+
 def _gaussian_like(t: torch.Tensor, std: float, generator: Optional[torch.Generator]) -> torch.Tensor:
     device = generator.device if generator is not None else t.device
     noise = torch.randn(t.shape, generator=generator, device=device, dtype=t.dtype)
@@ -90,8 +100,7 @@ def noise_for_rank(rank: int, like: Grads, noise_multiplier: float, max_norm: fl
     Adding it to the local sum before a SUM all-reduce adds the noise exactly once. Only
     rank 0 consumes ``generator``, so only rank 0's generator state needs checkpointing.
     """
-    if int(rank) != rank or rank < 0:
-        raise ValueError(f"rank must be an integer >= 0, got {rank!r}")
+    _check_rank(rank)
     if rank == 0:
         return gaussian_noise(like, noise_multiplier, max_norm, generator)
     _check_scale(noise_multiplier, max_norm)
@@ -100,8 +109,7 @@ def noise_for_rank(rank: int, like: Grads, noise_multiplier: float, max_norm: fl
 
 def normalize(noisy_sums: Grads, expected_batch_size: float) -> List[Optional[torch.Tensor]]:
     r"""Divide by the expected batch size :math:`qN` (never by the realised one)."""
-    if not expected_batch_size > 0.0:
-        raise ValueError(f"expected_batch_size (q*N) must be > 0, got {expected_batch_size!r}")
+    _check_expected_batch_size(expected_batch_size)
     return [None if g is None else g / expected_batch_size for g in noisy_sums]
 
 
@@ -142,11 +150,9 @@ def privatize(local_sums: Grads, noise_multiplier: float, max_norm: float, expec
     """
     if rank is None:
         rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
-    if int(rank) != rank or rank < 0:
-        raise ValueError(f"rank must be an integer >= 0, got {rank!r}")
+    _check_rank(rank)
     std = _check_scale(noise_multiplier, max_norm)
-    if not expected_batch_size > 0.0:
-        raise ValueError(f"expected_batch_size (q*N) must be > 0, got {expected_batch_size!r}")
+    _check_expected_batch_size(expected_batch_size)
     present = [g for g in local_sums if g is not None]
     if not present:
         return list(local_sums)
