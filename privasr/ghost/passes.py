@@ -56,6 +56,10 @@ class GhostPass:
             a ghost-form layer's recorded input and output gradient.
         recorded: ``name -> parameter`` of the parameters a recorded call used (a use whose output
             got no gradient adds zero).
+        kinds: ``name -> layer type`` of every trainable parameter: the recorded uses' types
+            (``"Linear weight, ghost form"``, ``"Conv1d depthwise weight, materialized"``,
+            ``"LayerNorm bias"``, ...; several uses joined by ``" + "``), or
+            ``"fallback to vmap: <why>"`` (:mod:`privasr.ghost.report` tabulates them).
     """
 
     names: list
@@ -66,6 +70,7 @@ class GhostPass:
     fallback_grads: dict = field(repr=False, default_factory=dict)  # name -> [K, *shape]
     graph: Optional[tuple] = field(repr=False, default=None)  # (losses, params) for route="backward"
     recorded: dict = field(repr=False, default_factory=dict)
+    kinds: dict = field(repr=False, default_factory=dict)
 
     @property
     def norms(self) -> torch.Tensor:
@@ -178,8 +183,11 @@ def ghost_pass(model: torch.nn.Module, loss_fn: LossFn, tensors: Sequence[torch.
             sq_norms[name] = torch.zeros(num_units, dtype=torch.float64)
     graph = (losses, [p for _, p in named]) if keep_graph else None
     recorded = {n: p for n, p in named if n in recorder.uses and n not in fallback}
+    kinds = {n: f"fallback to vmap: {fallback[n]}" if n in fallback
+             else " + ".join(recorder.kinds.get(n, ["no recorded use"]))
+             + (f", {recorder.forms[n]}" if n in recorder.forms else "") for n in order}
     return GhostPass(order, {n: sq_norms[n] for n in order}, losses.detach(), fallback, recorder.pieces,
-                     fallback_grads, graph, recorded)
+                     fallback_grads, graph, recorded, kinds)
 
 
 

@@ -122,6 +122,8 @@ class _Recorder(TorchFunctionMode):
         self.uses: dict = {}  # name -> recorded calls using it
         self.uncovered: dict = {}  # name -> why it falls back
         self.seen: set = set()
+        self.kinds: dict = {}  # name -> the layer types of its recorded uses ("Linear weight", ...), in order
+        self.forms: dict = {}  # name -> "ghost form" | "materialized" (weights of Linear / convolutions)
         # set by start_backward:
         self.collecting = False
         self.skip: set = set()
@@ -244,12 +246,20 @@ class _Recorder(TorchFunctionMode):
                                 f"{self.batch}")
         return None
 
-    def _record(self, out, slots, rule):
-        """Register a call: ``out`` goes on through a :class:`_Tap` (what the model receives instead)."""
+    def _record(self, out, slots, rule, label: str):
+        """Register a call: ``out`` goes on through a :class:`_Tap` (what the model receives instead).
+
+        ``label`` names the layer type (``"Linear"``, ``"Conv1d depthwise"``, ...) for
+        :attr:`privasr.ghost.GhostPass.kinds`; each parameter gets ``"<label> <role>"``.
+        """
         if not (isinstance(out, torch.Tensor) and out.requires_grad):
             return out
-        for name in slots.values():
+        for role, name in slots.items():
             self.uses[name] = self.uses.get(name, 0) + 1
+            kinds = self.kinds.setdefault(name, [])
+            kind = label if role == "param" else f"{label} {role}"
+            if kind not in kinds:
+                kinds.append(kind)
         root = _root(out)
         self.outputs[id(root)] = (weakref.ref(root), root._version, list(slots.values()))
         return _Tap.apply(out, self.anchor, _Site(self, slots, rule))
@@ -287,7 +297,7 @@ class _Recorder(TorchFunctionMode):
                 pieces[names["bias"]] = g.movedim(axis, 0).reshape(batch, -1, g.shape[-1]).sum(1)
             return pieces
 
-        return self._record(out, names, rule)
+        return self._record(out, names, rule, "Linear" if axis == 0 else "Linear (time-first)")
 
     def _check_misplaced(self, func, inputs, out) -> None:
         """A parameter (or a view of one) fed where an activation is expected falls back."""
@@ -324,7 +334,9 @@ class _Recorder(TorchFunctionMode):
                 pieces[names["bias"]] = g.reshape(n, channels_out, -1).sum(2)
             return pieces
 
-        return self._record(out, names, rule)
+        kind = ("pointwise" if pointwise else "depthwise" if groups > 1 and shape[1] == 1
+                else "grouped" if groups > 1 else "")
+        return self._record(out, names, rule, f"Conv{dims}d {kind}".rstrip())
 
     def _layer_norm(self, func, args, kwargs):
         x, shape, weight, bias, eps = _bind(
@@ -350,7 +362,7 @@ class _Recorder(TorchFunctionMode):
                 pieces[names["bias"]] = (g.sum(dims) if dims else g).reshape(g.shape[0], -1)
             return pieces
 
-        return self._record(out, names, rule)
+        return self._record(out, names, rule, "LayerNorm")
 
     def _shared_view(self, func, args, kwargs):
         """A view of a shared output that keeps its leading axis of size 1 first stays shared."""
@@ -399,7 +411,8 @@ class _Recorder(TorchFunctionMode):
                 pieces[names["bias"]] = g.sum((1, 2))
             return pieces
 
-        expanded = self._record(shared.expand(self.batch, *shared.shape[1:]), names, rule)
+        expanded = self._record(shared.expand(self.batch, *shared.shape[1:]), names, rule,
+                                "Linear (input shared by the batch)")
         return func(*((expanded, other) if index == 0 else (other, expanded)))
 
     def _broadcast_add(self, func, args):
@@ -423,7 +436,7 @@ class _Recorder(TorchFunctionMode):
         def rule(g):
             return {name: (g.sum(dims, keepdim=True) if dims else g).reshape(g.shape[0], -1)}
 
-        return self._record(out, {"param": name}, rule)
+        return self._record(out, {"param": name}, rule, "parameter broadcast-added to the batch")
 
     # -- the backward
     def start_backward(self, skip: set, num_units: int, keep_pieces: bool) -> None:
@@ -456,12 +469,16 @@ class _Recorder(TorchFunctionMode):
             self._finish(self.deferred.pop())
 
     def _finish(self, name: str) -> None:
-        parts = _merge(self.pending.pop(name))
+        raw = self.pending.pop(name)
+        parts = _merge(raw)
         sq = None
         for p in parts:  # (not sum(): its 0 start is one more tensor op per parameter)
             part = p.sq_norms() if isinstance(p, _PIECES) else core_norms([p]).pow(2)
             sq = part if sq is None else sq + part
         self.sq_norms[name] = sq.to(torch.float64)
+        if any(isinstance(p, _PIECES) for p in raw):  # a Linear's / convolution's weight: which form
+            ghost = len(parts) == 1 and isinstance(parts[0], _PIECES) and parts[0].ghost
+            self.forms[name] = "ghost form" if ghost else "materialized"
         if self.keep_pieces:
             self.pieces[name] = [p.compact() if isinstance(p, _PIECES) else p for p in parts]
 
