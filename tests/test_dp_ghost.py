@@ -217,3 +217,36 @@ def test_bench_dp_rows_name_the_route():
     assert {row_settings(r)[2] for r in DEFAULT_ROWS[1:]} == {"loop", "vmap", "ghost"}
     with pytest.raises(ValueError, match="unknown row 'dp-dim-magic'"):
         row_settings("dp-dim-magic")
+
+
+# -- privasr-bench-dp --hparams: the BEST-RQ recipe's own DP step ------------------------------------------
+BESTRQ_DP_YAML = "recipes/mini_tts/SSL/bestrq/hparams/bestrq_dp.yaml"
+
+
+def test_bench_dp_times_the_bestrq_recipes_own_model_and_routes():
+    """--hparams builds the recipe's bestrq (tiny by override) and its layer groups; every route takes a step."""
+    from privasr.cli import bench_clipping, bench_dp
+
+    rows = ["none", "dp-flat-loop", "dp-dim-vmap", "dp-dim-ghost"]
+    args = bench_dp.parse_args(["--hparams", BESTRQ_DP_YAML, "--nproc", "1", "--batch", "2", "--seconds", "0.5",
+                                "--rows", *rows, "--", "--model_size", "tiny"])
+    assert (args.d_model, args.layers, args.overrides) == (64, 2, ["--model_size", "tiny"])
+    model = bench_dp._recipe_model(args, "cpu")
+    assert type(model).__name__ == "BestRQ" and model.layer_regex.startswith("^(.*?\\blayers")
+    batch = bench_clipping.make_batch(args, 0, "cpu")
+    for row in rows:
+        start = [p.detach().clone() for p in model.parameters()]
+        bench_dp.dp_step_fn(args, model, batch, row)()
+        assert any(not torch.equal(a, p) for a, p in zip(start, model.parameters())), row  # an update was made
+
+
+def test_bench_dp_hparams_bad_input_is_one_line(tmp_path, capsys):
+    from privasr.cli.bench_dp import main
+
+    assert main(["--rows", "none", "--", "--model_size", "tiny"]) == 2
+    assert "recipe overrides (--model_size tiny) need --hparams" in capsys.readouterr().err
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(f"output_folder: {tmp_path}/out\nseed: 1\n")
+    assert main(["--hparams", str(plain), "--rows", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "builds no `bestrq` module" in err[0], err
