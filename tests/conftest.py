@@ -26,6 +26,18 @@ def tiny_mini_tts(tmp_path_factory) -> dict[str, Path]:
     return prepare_mini_tts(tmp_path_factory.mktemp("tiny_mini_tts"), nj=2, seed=0, **TINY_SIZES)
 
 
+@pytest.fixture(scope="session")
+def warm_python():
+    """A :class:`tests.fault_injection.WarmPython` for the session: fresh training processes (toy_train.py, the
+    mini_tts recipe, under the fault launcher) without paying torch's and SpeechBrain's import each time."""
+    from .fault_injection import WarmPython
+
+    warm = WarmPython(("torch", "torch._dynamo", "speechbrain", "privasr.brain", "privasr.asr", "privasr.cli.hparams",
+                       "privasr.provenance"))
+    yield warm
+    warm.close()
+
+
 def run_privasr_cli(module: str, *args: str) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` from the repository root; capture text output."""
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO_ROOT,

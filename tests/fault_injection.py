@@ -15,7 +15,8 @@ checkpoint), ``save`` during the next checkpoint save (files written, not yet pu
 cleanup, like a pre-empted node.
 
 As a library: :func:`corrupt_file`, :func:`write_wav`, :func:`kill_argv`, :func:`nan_argv`, and
-:func:`run_python` / :func:`quick_corpus` / :func:`recipe_argv` for the subprocess tests.
+:func:`run_python` / :class:`WarmPython` / :func:`quick_corpus` / :func:`recipe_argv` for the subprocess
+tests.
 """
 from __future__ import annotations
 
@@ -82,10 +83,124 @@ def run_python(*args, timeout: int = 300, **kwargs) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-def start_python(*args) -> subprocess.Popen:
+def start_python(*args, env: Optional[dict] = None) -> subprocess.Popen:
     """:func:`run_python` without waiting: the process, its text output in pipes (``communicate()`` it)."""
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=python_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=python_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+class WarmPython:
+    """Fresh processes without a fresh interpreter's start-up: a "zygote" interpreter (:func:`python_env`, the
+    repository root as working directory) imports ``preload`` once (torch, SpeechBrain, privasr: 5-15 s a start on
+    a loaded 2-core machine), then forks one child per :meth:`run`. A child runs its script as ``python ARGS``
+    would (``runpy``, ``sys.argv``, the script's folder first on ``sys.path``) and exits with the script's status;
+    a SIGKILLed child is a dead process like any other (status -9). What a child does never reaches the zygote
+    or its other children: each starts from the zygote's state (modules imported, nothing trained).
+
+    Children of one zygote share its hash seed (``PYTHONHASHSEED`` is drawn once per interpreter): a test
+    comparing runs keeps its reference a plain :func:`start_python` process, so that the compared runs still
+    come from independent interpreters.
+    """
+
+    def __init__(self, preload: Sequence[str] = ("torch", "torch._dynamo", "speechbrain", "privasr.brain")):
+        code = "import sys, tests.fault_injection as f; f._zygote(sys.argv[1:])"
+        self._proc = subprocess.Popen([sys.executable, "-c", code, *preload], cwd=ROOT, env=python_env(),
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def _ask(self, request: dict) -> dict:
+        import json
+
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        reply = self._proc.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"WarmPython: the zygote interpreter died (status {self._proc.wait()})")
+        return json.loads(reply)
+
+    def run(self, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+        """:func:`run_python` for a script (``SCRIPT ARGS...``) in a forked child: its status and text output."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            argv = list(map(str, args))
+            pid = self._ask({"argv": argv, "stdout": str(out), "stderr": str(err)})["pid"]
+            status = self._ask({"wait": pid, "timeout": timeout})["status"]
+            if status is None:
+                raise subprocess.TimeoutExpired(argv, timeout)
+            return subprocess.CompletedProcess([sys.executable, *argv], status, out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.stdin.close()  # the zygote ends at the end of its input
+            self._proc.wait(timeout=60)
+
+
+def _zygote(preload: Sequence[str]) -> None:
+    """WarmPython's interpreter: import ``preload``; then per request line (JSON), fork a child running ``argv``
+    with its output in files (-> its pid), or wait for a child (-> its status, None after ``timeout`` s, the
+    child killed)."""
+    import importlib
+    import json
+    import time
+
+    for module in preload:
+        importlib.import_module(module)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if "wait" in request:
+            deadline, status = time.monotonic() + request["timeout"], None
+            while time.monotonic() < deadline:
+                pid, raw = os.waitpid(request["wait"], os.WNOHANG)
+                if pid:
+                    status = os.waitstatus_to_exitcode(raw)
+                    break
+                time.sleep(0.05)
+            if status is None:
+                os.kill(request["wait"], signal.SIGKILL)
+                os.waitpid(request["wait"], 0)
+            reply = {"status": status}
+        else:
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:
+                _child(request["argv"], request["stdout"], request["stderr"])
+            reply = {"pid": pid}
+        print(json.dumps(reply), flush=True)
+    os._exit(0)  # the end of the input: no interpreter teardown of torch (seconds), nothing left to flush
+
+
+def _child(argv: list[str], stdout: str, stderr: str) -> None:
+    """A forked child: ``python ARGV`` with stdout / stderr in files; never returns (os._exit with its status)."""
+    import atexit
+    import traceback
+
+    for fd, path in ((1, stdout), (2, stderr)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(stdin, 0)
+    os.close(stdin)
+    status = 0
+    try:
+        sys.argv = list(argv)
+        sys.path[0] = str(Path(argv[0]).resolve().parent)  # as `python SCRIPT` sets it
+        runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as stop:  # sys.exit(): the status, or a message and 1 (as the interpreter does)
+        if stop.code is None or isinstance(stop.code, int):
+            status = stop.code or 0
+        else:
+            print(stop.code, file=sys.stderr)
+            status = 1
+    except BaseException:  # an uncaught exception: the traceback and 1
+        traceback.print_exc()
+        status = 1
+    finally:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    os._exit(status)
 
 
 def quick_corpus(base: Path) -> Path:

@@ -6,29 +6,40 @@ import re
 import pytest
 import torch
 
-from .fault_injection import HAVE_TTS, LAUNCHER, TOY_TRAIN, kill_argv, nan_argv, quick_corpus, recipe_argv, run_python
+from .fault_injection import (HAVE_TTS, LAUNCHER, TOY_TRAIN, kill_argv, nan_argv, quick_corpus, recipe_argv, run_python,
+                              start_python)
 from .test_brain import batches_of, hparams
 from .toy import fit_toy_brain, make_toy_brain
 
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 
 
+# As egs/lib/stages.sh launches: workers with a store of their own survive restarts (pytorch/pytorch#135712).
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
 def torchrun(*args, max_restarts: int = 0):
-    # As egs/lib/stages.sh launches: workers with a store of their own survive restarts (pytorch/pytorch#135712).
-    return run_python(*TORCHRUN, "--max-restarts", str(max_restarts), *args,
-                      env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    return run_python(*TORCHRUN, "--max-restarts", str(max_restarts), *args, env=TORCHRUN_ENV)
 
 
 def test_worker_killed_under_torchrun_restarts_resumes_and_matches(tmp_path):
     """2 gloo workers; rank 1 is SIGKILLed after step 3 (first attempt only); torchrun restarts both; the
-    run resumes from the step-2 checkpoint and ends with the uninterrupted run's parameters."""
+    run resumes from the step-2 checkpoint and ends with the uninterrupted run's parameters. The uninterrupted
+    run is a torchrun of its own beside the killed one (each --standalone: its own rendezvous store and port)."""
     toy = ("--batch-size", "4")  # 32 examples / (2 ranks x 4) = 4 steps an epoch, 2 epochs
-    proc = torchrun(TOY_TRAIN, tmp_path / "uninterrupted", *toy)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # Two restarts allowed: on a loaded machine a restarted gloo worker was seen to abort while connecting
-    # (2 of 14 runs, with another training job running); the run must then complete on the next attempt.
-    proc = torchrun(LAUNCHER, *kill_argv(3, rank=1, first_attempt_only=True), "--", TOY_TRAIN,
-                    tmp_path / "killed", *toy, max_restarts=2)
+    reference = start_python(*TORCHRUN, "--max-restarts", "0", TOY_TRAIN, tmp_path / "uninterrupted", *toy,
+                             env=TORCHRUN_ENV)
+    try:
+        # Two restarts allowed: on a loaded machine a restarted gloo worker was seen to abort while connecting
+        # (2 of 14 runs, with another training job running); the run must then complete on the next attempt.
+        proc = torchrun(LAUNCHER, *kill_argv(3, rank=1, first_attempt_only=True), "--", TOY_TRAIN,
+                        tmp_path / "killed", *toy, max_restarts=2)
+        _, stderr = reference.communicate(timeout=300)
+    finally:  # a failed or hung reference leaves no torchrun behind
+        if reference.poll() is None:
+            reference.kill()
+            reference.communicate()
+    assert reference.returncode == 0, stderr[-3000:]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SIGKILL rank 1 (after optimizer step 3)" in proc.stderr
     assert proc.stderr.count("fault_injection: SIGKILL") == 1  # only the first attempt is killed
@@ -55,13 +66,14 @@ def test_nan_in_one_core_of_one_rank_is_dropped_counted_and_logged(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_TTS, reason="needs espeak-ng, flite and sox")
-def test_nans_beyond_patience_stop_train_py_with_one_line(tmp_path_factory):
-    """Every core NaN from step 1: steps 1-3 are skipped, the 4th exceeds nonfinite_patience=3."""
+def test_nans_beyond_patience_stop_train_py_with_one_line(tmp_path_factory, warm_python):
+    """Every core NaN from step 1: steps 1-3 are skipped, the 4th exceeds nonfinite_patience=3. (train.py in a
+    process forked from WarmPython's interpreter, which imported torch and SpeechBrain once for the session.)"""
     data = quick_corpus(tmp_path_factory.getbasetemp())
     out = tmp_path_factory.mktemp("patience") / "run"
     # No intra-epoch checkpoint: the YAML's every 2 minutes of wall-clock time is the one thing in this run that
     # depends on the machine's load (a loaded machine could save one mid-epoch); the steps are the same either way
-    proc = run_python(LAUNCHER, *nan_argv(1, cores="all", onwards=True), "--",
+    proc = warm_python.run(LAUNCHER, *nan_argv(1, cores="all", onwards=True), "--",
                       *recipe_argv(data, out, "--batch_size", "4", "--virtual_cores", "2",
                                    "--ckpt_interval_minutes", "0"))
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -10,7 +10,7 @@ import torch
 
 from privasr.resume import PARTIAL_PREFIX, AtomicCheckpointer, capture_rng_state, make_atomic, restore_rng_state
 
-from .fault_injection import (HAVE_TTS, LAUNCHER, TOY_TRAIN, kill_argv, quick_corpus, recipe_argv, run_python,
+from .fault_injection import (HAVE_TTS, LAUNCHER, TOY_TRAIN, kill_argv, quick_corpus, recipe_argv,
                               start_python)
 from .toy import make_toy_brain
 
@@ -66,17 +66,20 @@ def test_ckpt_interval_steps_replaces_minutes():
 
 
 # -- process level --------------------------------------------------------------------------
-def test_toy_run_killed_four_times_ends_bit_identical(tmp_path):
-    """SIGKILL mid-epoch, at an epoch's first step, during a checkpoint save, right after one; then finish."""
+def test_toy_run_killed_four_times_ends_bit_identical(tmp_path, warm_python):
+    """SIGKILL mid-epoch, at an epoch's first step, during a checkpoint save, right after one; then finish.
+
+    The uninterrupted reference is a plain interpreter; the killed and resumed runs are fresh processes forked
+    from one that imported torch and SpeechBrain once (WarmPython: 5 starts, not 5 imports)."""
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
     reference = start_python(TOY_TRAIN, uninterrupted)  # the uninterrupted run, beside the killed ones
     starts = []
     for step, point in ((3, "step"), (5, "step"), (6, "save"), (7, "saved")):  # 4 steps an epoch, 2 epochs
-        proc = run_python(LAUNCHER, *kill_argv(step, point), "--", TOY_TRAIN, resumed)
+        proc = warm_python.run(LAUNCHER, *kill_argv(step, point), "--", TOY_TRAIN, resumed)
         assert proc.returncode == KILLED, proc.stderr[-3000:]
         assert "SIGKILL rank 0" in proc.stderr
         starts.append(proc.stdout.split("starts at optimizer step ")[1].split()[0])
-    proc = run_python(TOY_TRAIN, resumed)
+    proc = warm_python.run(TOY_TRAIN, resumed)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, stderr = reference.communicate(timeout=300)
     assert reference.returncode == 0, stderr[-3000:]
@@ -89,17 +92,18 @@ def test_toy_run_killed_four_times_ends_bit_identical(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_TTS, reason="needs espeak-ng, flite and sox")
-def test_recipe_killed_mid_epoch_resumes_to_the_same_model(tmp_path_factory):
-    """The mini_tts recipe (SpecAugment, dropout, shuffled data, Adam): kill in epoch 2, re-run, same model."""
+def test_recipe_killed_mid_epoch_resumes_to_the_same_model(tmp_path_factory, warm_python):
+    """The mini_tts recipe (SpecAugment, dropout, shuffled data, Adam): kill in epoch 2, re-run, same model.
+    The reference is a plain interpreter, the killed and resumed runs WarmPython's forked processes."""
     data = quick_corpus(tmp_path_factory.getbasetemp())
     work = tmp_path_factory.mktemp("recipe_resume")
     args = ("--number_of_epochs", "2", "--batch_size", "4", "--virtual_cores", "2", "--ckpt_interval_steps", "1")
     reference = start_python(*recipe_argv(data, work / "uninterrupted", *args))  # beside the killed run
-    proc = run_python(LAUNCHER, *kill_argv(6), "--", *recipe_argv(data, work / "resumed", *args))
+    proc = warm_python.run(LAUNCHER, *kill_argv(6), "--", *recipe_argv(data, work / "resumed", *args))
     _, stderr = reference.communicate(timeout=300)
     assert reference.returncode == 0, stderr[-3000:]
     assert proc.returncode == KILLED, proc.stdout[-2000:] + proc.stderr[-2000:]
-    proc = run_python(*recipe_argv(data, work / "resumed", *args))
+    proc = warm_python.run(*recipe_argv(data, work / "resumed", *args))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Loading a checkpoint from" in proc.stdout
     for name in ("model", "optimizer"):
