@@ -160,6 +160,56 @@ def test_layer_norm():
     assert_norms_match(model, square_loss(model), seq_batch())
 
 
+class Embed(torch.nn.Module):
+    """An embedding looked up twice (tokens and time-first tokens), padding_idx 0, then a Linear: [N, T, d]."""
+
+    def __init__(self, vocab=7, d=3):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, d, padding_idx=0)
+        self.lin = torch.nn.Linear(d, 2)
+
+    def forward(self, tokens):
+        return self.lin(torch.tanh(self.table(tokens) + self.table(tokens.T).transpose(0, 1)))
+
+
+@pytest.mark.parametrize("t, ghost", [(4, True), (6, False)])
+def test_embedding_ghost_and_materialized_with_padding_and_two_lookups(t, ghost):
+    """Two lookups concatenate their positions (2T): ghost form when V d >= (2T)^2 (7 * 30 >= 64; 7 * 3 < 144)."""
+    torch.manual_seed(0)
+    model = Embed(vocab=7, d=30 if ghost else 3)
+    tokens = torch.randint(0, 7, (3, t), generator=torch.Generator().manual_seed(0))
+    tokens[1, -2:] = 0  # padding lookups: no gradient to row 0
+    tokens[2, :2] = 5  # a row looked up twice by one example
+
+    def loss(tokens, w):
+        out = model(tokens)
+        return (out.pow(2).sum((1, 2)) + out.sum((1, 2))) * w
+
+    w = torch.ones(3)
+    result = assert_norms_match(model, loss, (tokens, w))
+    assert result.pieces["table.weight"][0].ghost is ghost and result.kinds["table.weight"] == (
+        f"Embedding weight, {'ghost form' if ghost else 'materialized'}")
+    w[1] = float("nan")  # a dropped example, left out of the clipped sum
+    for units in (None, 1):  # one unit per example; one unit of all three (its norm is the sum's)
+        summed = loss if units is None else (lambda *t: loss(*t).sum())  # noqa: E731
+        grads, _, _ = clipped_sum(model, summed, (tokens, w if units is None else torch.ones(3)), 0.5,
+                                  num_units=units)
+        expected, _ = accumulator_reference(model, summed, (tokens, w if units is None else torch.ones(3)), 0.5,
+                                            "sum", units)
+        assert_grads_close(grads, expected)
+
+
+def test_embedding_scaled_by_batch_frequencies_falls_back():
+    """scale_grad_by_freq divides by counts over the whole batch: no per-example rule (nor for max_norm)."""
+    torch.manual_seed(0)
+    model = Embed()
+    model.table.scale_grad_by_freq = True
+    tokens = torch.randint(0, 7, (3, 4), generator=torch.Generator().manual_seed(0))
+    result = assert_norms_match(model, lambda tk: model(tk).pow(2).sum((1, 2)), (tokens,),
+                                expect_fallback=["table.weight"])
+    assert result.kinds["table.weight"] == "fallback to vmap: embedding with max_norm or scale_grad_by_freq"
+
+
 class BiasAndShared(torch.nn.Module):
     """RelPosMHAXL's patterns: a broadcast parameter bias and a Linear on an input shared by all examples."""
 

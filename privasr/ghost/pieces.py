@@ -19,6 +19,11 @@ weight-gradient kernel (``convolution_backward``) with the units folded into the
 (:func:`_fold`), so no ``im2col`` columns are held; the ghost form forms the columns
 (:func:`privasr.ghost.conv._im2col`) one layer at a time.
 
+*Embedding* (:class:`_Embed`), ``out[i,t] = W[x_{it}]``: :math:`\nabla_W \ell_i = \sum_t e_{x_{it}} g_{it}^\top`,
+so :math:`\lVert \nabla_W \ell_i \rVert^2 = \sum_{t,t'} [x_{it} = x_{it'}]\,(g_{it} \cdot g_{it'})` (ghost form,
+when :math:`V d \ge L^2`), else the per-unit rows scattered into ``[K, V, d]``; the clipped sum scatters
+:math:`f_i g_{it}` into row :math:`x_{it}`.
+
 *Everything else* (biases :math:`\sum_t g_{it}`, LayerNorm's :math:`\sum_t g_{it} \odot \hat x_{it}`,
 broadcast-added parameters) is a plain per-unit gradient tensor ``[K, numel]``.
 
@@ -216,7 +221,52 @@ class _Conv:
         return self._weight_grad(_keep_rows(self.x, keep), g, 1).reshape(-1)
 
 
-_PIECES = (_Seq, _Conv)
+class _Embed:
+    """An embedding's per-unit weight gradient from its indices ``idx [K, L]`` and output gradient ``g [K, L, d]``."""
+
+    def __init__(self, idx: torch.Tensor, g: torch.Tensor, vocab: int):
+        self.idx, self.g, self.vocab = idx, g, vocab
+        self.units, self.length, self.d_out = g.shape
+        self.d_in = vocab  # the rule of mixed ghost clipping with d_in = V (a one-hot input)
+        self._grads: Optional[torch.Tensor] = None
+
+    def layout(self) -> tuple:
+        return ("embedding", self.vocab, self.d_out)
+
+    ghost = _Seq.ghost
+    dtype = _Seq.dtype
+    output_grads = _Seq.output_grads
+
+    def materialize(self) -> torch.Tensor:
+        """Per-unit gradients ``[K, V*d]``: unit ``k``'s rows ``g_kt`` added into row ``k V + x_kt``."""
+        if self._grads is None:
+            offsets = torch.arange(self.units, device=self.idx.device).unsqueeze(1) * self.vocab
+            rows = (self.idx + offsets).reshape(-1)
+            self._grads = self.g.new_zeros(self.units * self.vocab, self.d_out).index_add_(
+                0, rows, self.g.reshape(-1, self.d_out)).reshape(self.units, -1)
+        return self._grads
+
+    def sq_norms(self) -> torch.Tensor:
+        if not self.ghost:
+            return core_norms([self.materialize()]).pow(2)
+        same = (self.idx.unsqueeze(2) == self.idx.unsqueeze(1)).to(self.g.dtype)  # [K, L, L]
+        return (same * (self.g @ self.g.transpose(1, 2))).sum((1, 2))
+
+    def compact(self) -> "_Embed":
+        if not self.ghost:
+            self.materialize()
+            self.idx = self.g = None
+        return self
+
+    def weighted_sum(self, weights: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+        if self._grads is not None:
+            return weights.to(self._grads.dtype) @ _keep_rows(self._grads, keep)
+        g = _keep_rows(self.g, keep) * weights.to(self.g.dtype).view(-1, 1, 1)
+        return g.new_zeros(self.vocab, self.d_out).index_add_(0, self.idx.reshape(-1), g.reshape(-1, self.d_out)
+                                                              ).reshape(-1)
+
+
+_PIECES = (_Seq, _Conv, _Embed)
 
 #: Input plus output-gradient bytes of the units in one call of :meth:`_Conv.materialize`.
 CONV_CHUNK_BYTES = 4 * 2 ** 20
@@ -252,6 +302,10 @@ def _in_units(piece, num_units: int):
     if isinstance(piece, _Conv):
         piece.units = num_units
         return piece
+    if isinstance(piece, _Embed):
+        per = piece.units // num_units
+        return piece if per == 1 else _Embed(piece.idx.reshape(num_units, -1),
+                                              piece.g.reshape(num_units, per * piece.length, -1), piece.vocab)
     return _to_units(piece, num_units, False)
 
 
@@ -299,4 +353,6 @@ def _merge(parts: list) -> list:
     seqs = [p for p in parts if isinstance(p, _Seq)]
     if len(seqs) == len(parts) and len({p.layout() for p in seqs}) == 1:
         return [_Seq(torch.cat([p.a for p in seqs], 2), torch.cat([p.g for p in seqs], 2))]
+    if all(isinstance(p, _Embed) for p in parts):  # one table looked up several times: positions concatenated
+        return [_Embed(torch.cat([p.idx for p in parts], 1), torch.cat([p.g for p in parts], 1), parts[0].vocab)]
     return [sum(p.materialize() if isinstance(p, _PIECES) else p for p in parts)]

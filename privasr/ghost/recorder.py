@@ -20,6 +20,10 @@ a pointwise one's columns are its input (views, as for a Linear).
 *LayerNorm* ``out = \hat x \odot w + b``: :math:`\nabla_w \ell_i = \sum_t g_{it} \odot \hat x_{it}`,
 :math:`\nabla_b \ell_i = \sum_t g_{it}` (``\hat x`` recomputed from the saved input).
 
+*Embedding* (``F.embedding``, indices with one axis of the batch's size): :math:`\nabla_W \ell_i =
+\sum_t e_{x_{it}} g_{it}^\top`; a ``padding_idx`` row gets nothing; ``max_norm`` (rows renormalized in
+place) and ``scale_grad_by_freq`` (counts over the whole batch) fall back.
+
 *A parameter broadcast-added to a batch tensor* (``query + pos_bias_u.view(1, 1, H, d_k)`` in
 RelPosMHAXL): :math:`\nabla_p \ell_i` is ``g`` of example ``i`` summed over the broadcast axes.
 
@@ -57,12 +61,13 @@ from torch.utils._pytree import tree_flatten
 
 from privasr.clipping import core_norms
 from privasr.ghost.conv import _bind, _pads, _tuple, bind_conv, is_pointwise
-from privasr.ghost.pieces import _PIECES, _Conv, _in_units, _merge, _Seq
+from privasr.ghost.pieces import _PIECES, _Conv, _Embed, _in_units, _merge, _Seq
 from privasr.ghost.tap import _Site, _Tap
 
 _LINEAR = {F.linear}
 _CONV = {torch.conv1d: 1, torch.conv2d: 2, F.conv1d: 1, F.conv2d: 2}
 _LAYER_NORM = {F.layer_norm}
+_EMBEDDING = {F.embedding}
 _ALIASING = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
 _ADD = {torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.add}
 _SHARED_VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.permute, torch.reshape, torch.permute}
@@ -153,6 +158,8 @@ class _Recorder(TorchFunctionMode):
             return self._conv(func, args, kwargs)
         if func in _LAYER_NORM:
             return self._layer_norm(func, args, kwargs)
+        if func in _EMBEDDING:
+            return self._embedding(func, args, kwargs)
         if func in _ALIASING and self._name(args[0] if args else None):
             out = func(*args, **kwargs)
             self.aliases[id(out)] = (self._name(args[0]), out)
@@ -363,6 +370,37 @@ class _Recorder(TorchFunctionMode):
             return pieces
 
         return self._record(out, names, rule, "LayerNorm")
+
+    def _embedding(self, func, args, kwargs):
+        idx, weight, padding_idx, max_norm, _, scale_grad_by_freq, _ = _bind(
+            args, kwargs, ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+            (None, None, None, None, 2.0, False, False))
+        names, out = self._call(func, args, kwargs, None, weight, None)
+        if not names:
+            return out
+        name = names["weight"]
+        if max_norm is not None or scale_grad_by_freq:
+            # max_norm rescales rows in place during the forward; scale_grad_by_freq divides by counts over
+            # the whole batch (a cross-example statistic): neither is a sum of per-example row gradients.
+            self._uncover(name, "embedding with max_norm or scale_grad_by_freq")
+            return out
+        candidates = [d for d in range(idx.dim()) if idx.shape[d] == self.batch] if isinstance(idx, torch.Tensor) else []
+        if len(candidates) != 1:
+            self._uncover(name, f"embedding indices of shape {tuple(getattr(idx, 'shape', ()))} have "
+                                f"{'no' if not candidates else 'more than one'} axis of the batch's size {self.batch}")
+            return out
+        axis, vocab, batch = candidates[0], weight.shape[0], self.batch
+        rows = idx.movedim(axis, 0).reshape(batch, -1)
+        if padding_idx is not None:  # its row gets no gradient: the lookups of it are left out
+            padding_idx = padding_idx % vocab
+
+        def rule(g):
+            g = g.movedim(axis, 0).reshape(batch, rows.shape[1], -1)
+            if padding_idx is not None:
+                g = g.masked_fill((rows == padding_idx).unsqueeze(2), 0.0)
+            return {name: _Embed(rows, g, vocab)}
+
+        return self._record(out, names, rule, "Embedding")  # sparse=True: the same values, summed densely
 
     def _shared_view(self, func, args, kwargs):
         """A view of a shared output that keeps its leading axis of size 1 first stays shared."""
