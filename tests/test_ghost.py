@@ -584,3 +584,52 @@ def test_writing_a_view_of_a_layer_output_in_place_is_refused():
 
     with pytest.raises(RuntimeError, match="modified in place"):
         ghost_pass(model, in_place_view, tensors)
+
+
+@pytest.mark.parametrize("route", ["bookkeeping", "backward"])
+def test_input_gradient_in_chunks_is_exact_on_the_conformer(route, monkeypatch):
+    """CONV_CHUNK_BYTES = 1: every convolution whose input needs a gradient forms it one example at a time
+    (privasr.ghost.conv.conv_in_chunks; with route="backward" the second backward's weight gradients too):
+    norms, factors and the clipped sum equal vmap's on the padded Conformer-CTC batch."""
+    import privasr.ghost.conv as ghost_conv
+
+    monkeypatch.setattr(ghost_pieces, "CONV_CHUNK_BYTES", 1)
+    calls = []
+    backward = ghost_conv._InputGradInChunks.backward
+    monkeypatch.setattr(ghost_conv._InputGradInChunks, "backward",
+                        staticmethod(lambda ctx, g: calls.append(tuple(t is not None for t in backward(ctx, g)[:3]))
+                                     or backward(ctx, g)))
+    model = tiny_ctc()
+    tensors = ctc_batch(model)
+    loss = ctc_example_losses(model)
+    bound = float(ghost_pass(model, loss, tensors).norms.median())
+    calls.clear()
+    grads, norms, factors = clipped_sum(model, loss, tensors, bound, route=route)
+    # the front end's second convolution and each block's pointwise and depthwise ones (5); the ghost pass takes
+    # their input gradients only, a second backward (route="backward") their weight and bias gradients too
+    assert calls == [(True, False, False)] * 5 + ([(True, True, True)] * 5 if route == "backward" else [])
+    expected, stats = accumulator_reference(model, loss, tensors, bound, "sum")
+    assert torch.allclose(norms, stats.core_norms, rtol=RTOL)
+    assert_grads_close(grads, expected)
+
+
+def test_input_gradient_in_chunks_holds_less_than_the_whole_batchs_kernel():
+    """The exact tensor peak of a convolution's input gradient (profiler count): whole batch, torch's CPU kernel
+    holds two more input-sized buffers; by chunks of 2 of 8 examples, those are a chunk's. The values are equal."""
+    from privasr.cli.bench_ghost import tensor_bytes
+    from privasr.ghost.conv import conv_in_chunks
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, 20, 20, generator=g, requires_grad=True)
+    weight, bias = torch.randn(16, 16, 3, 3, generator=g), torch.randn(16, generator=g)
+    per_example = x[0].numel() * 4
+    out = torch.nn.functional.conv2d(x, weight, bias, 2, 1)
+    chunked = conv_in_chunks(x, weight, bias, 2, 1, 1, 1, 2 * per_example)
+    assert torch.equal(chunked, out)
+    grad_out = torch.randn(out.shape, generator=g)
+    whole_peak, _, whole = tensor_bytes(lambda: torch.autograd.grad(out, [x], grad_out)[0])
+    chunk_peak, _, by_chunks = tensor_bytes(lambda: torch.autograd.grad(chunked, [x], grad_out)[0])
+    assert torch.allclose(by_chunks, whole, rtol=1e-6, atol=1e-6)
+    assert chunk_peak < whole_peak, (chunk_peak, whole_peak)
+    assert conv_in_chunks(x.detach(), weight, bias, 2, 1, 1, 1, 1) is None  # no input gradient: the plain call
+    assert conv_in_chunks(x, weight, bias, 2, 1, 1, 1, 8 * per_example) is None  # one chunk: the plain call

@@ -15,6 +15,9 @@ Padding: ``'valid'`` is none; ``'same'`` follows torch's rule (total ``d (k - 1)
 the odd element at the end, so it can be asymmetric; the recorder then pads the saved input
 itself); an int or tuple is symmetric. A *pointwise* convolution (kernel 1, stride 1, no padding)
 has its input itself as columns: no ``im2col`` at all.
+
+:func:`conv_in_chunks`: the recorder's convolution whose input gradient is formed a few examples
+at a time (:class:`_InputGradInChunks`; the backward's memory peak, the same values).
 """
 from __future__ import annotations
 
@@ -66,3 +69,63 @@ def _im2col(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple, padd
         x, kernel, stride, dilation, padding = (x.unsqueeze(2), (1,) + tuple(kernel), (1,) + tuple(stride),
                                                 (1,) + tuple(dilation), (0,) + tuple(padding))
     return F.unfold(x, tuple(kernel), dilation=tuple(dilation), padding=tuple(padding), stride=tuple(stride))
+
+
+class _InputGradInChunks(torch.autograd.Function):
+    r"""A ``conv1d``/``conv2d`` (symmetric zero padding) whose input gradient is formed a few examples at a time.
+
+    The input gradient :math:`\partial / \partial x_i` of a convolution is example ``i``'s alone, so
+    computing it over chunks of the batch gives the same values. torch's CPU kernel (oneDNN) holds two
+    more buffers of the input's size while it computes it over the whole batch: the largest transient
+    of a Conformer's backward (its front end's second convolution; mini, batch 16: 3 x 17.6 MiB),
+    which a ghost pass meets with every ghost-form layer's records held. By chunks those two buffers
+    are a chunk's. The forward is the same call. The weight and bias gradients are formed (the whole
+    batch's, as autograd's) only when ``params_needed()`` says so: a ghost pass's backward (to its
+    anchor) takes none, a second backward (``route="backward"``) does; ``ctx.needs_input_grad``
+    says only that they require a gradient, not that this backward asks for it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, per_chunk, params_needed):  # noqa: D102
+        dims = x.dim() - 2
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (list(stride), list(padding), list(dilation), groups, dims, per_chunk,
+                    None if bias is None else list(bias.shape))
+        ctx.params_needed = params_needed
+        return (F.conv1d if dims == 1 else F.conv2d)(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, dims, per_chunk, bias_sizes = ctx.conv
+
+        def conv_backward(grad, inp, mask):
+            return torch.ops.aten.convolution_backward(grad, inp, weight, bias_sizes, stride, padding, dilation,
+                                                       False, [0] * dims, groups, mask)
+
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.empty_like(x)
+            for first in range(0, x.shape[0], per_chunk):
+                rows = slice(first, first + per_chunk)
+                gx[rows] = conv_backward(g[rows], x[rows], (True, False, False))[0]
+        if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and ctx.params_needed():
+            _, gw, gb = conv_backward(g, x, (False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]))
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+def conv_in_chunks(x, weight, bias, stride, padding, dilation, groups, chunk_bytes: int,
+                   params_needed=lambda: True):
+    """The convolution's output, its input gradient to be formed in chunks of ``chunk_bytes`` of input
+    (:class:`_InputGradInChunks`), or None where that does not apply (no input gradient, one chunk, or
+    padding that is not a symmetric zero padding). ``params_needed()``: whether a backward wants the
+    weight and bias gradients."""
+    dims = x.dim() - 2
+    kernel = tuple(weight.shape[2:])
+    pads = _pads(padding, kernel, _tuple(dilation, dims))
+    per_example = x[0].numel() * x.element_size()
+    per_chunk = max(1, chunk_bytes // max(per_example, 1))
+    if not x.requires_grad or per_chunk >= x.shape[0] or any(left != right for left, right in pads):
+        return None
+    return _InputGradInChunks.apply(x, weight, bias, _tuple(stride, dims), tuple(left for left, _ in pads),
+                                    _tuple(dilation, dims), int(groups), per_chunk, params_needed)
