@@ -38,6 +38,7 @@ setup(
             "privasr-exposure=privasr.cli.score_exposure:main",
             "privasr-accountant=privasr.cli.accountant:main",
             "privasr-norm-quantiles=privasr.cli.norm_quantiles:main",
+            "privasr-pretrained=privasr.cli.pretrained:main",
         ]
     },
 )

@@ -50,6 +50,11 @@ OPERATIONAL_KEYS = frozenset({
 # Manifests whose content determines the model (digested); the other *_csv keys are decoding inputs.
 TRAINING_MANIFESTS = ("train_csv", "dev_csv", "valid_csv", "canaries_csv")
 PATH_SUFFIXES = ("_folder", "_dir", "_csv", "_log", "_file", "_path", "_encoder")
+# Settings that fix a model's architecture and output units. A run started from another run's checkpoint
+# (init_fingerprint.json) must have the same ones, and the same tokenizer: otherwise the checkpoint would load into
+# another model without an error (subsampling_factor changes only strides, so every tensor keeps its shape).
+MODEL_KEYS = ("model_kind", "model_size", "subsampling_factor", "frontend_channels", "tokenizer_type", "vocab_size",
+              "sample_rate")
 # SpeechBrain run options (not YAML keys) that change what is trained.
 RESULT_RUN_OPTIONS = ("precision", "max_grad_norm", "skip_nonfinite_grads", "grad_accumulation_factor")
 
@@ -245,6 +250,7 @@ def claim_run_folder(hparams: Mapping, run_opts: Optional[Mapping] = None, needs
     fingerprint = training_fingerprint(hparams, run_opts)
     init = read_fingerprint(folder, INIT_FINGERPRINT_FILE)
     if init is not None:
+        check_same_model(init, fingerprint, folder)
         fingerprint["init"] = digest_of(init)
     save_dir = hparams.get("save_folder") or folder / "save"
     recorded = check_run_folder(folder, fingerprint, save_dir)
@@ -252,6 +258,21 @@ def claim_run_folder(hparams: Mapping, run_opts: Optional[Mapping] = None, needs
         raise ProvenanceError(f"{folder} holds no trained model ({'no checkpoint in ' + str(save_dir) if recorded else 'no ' + FINGERPRINT_FILE}): "
                               f"train it first (--mode train)")
     return fingerprint
+
+
+def check_same_model(init: Mapping, fingerprint: Mapping, folder) -> None:
+    """Refuse a run whose model settings (:data:`MODEL_KEYS`) or tokenizer differ from those of the run its
+    checkpoint came from (``init``): one line naming the first difference."""
+    before, now = init.get("settings", {}), fingerprint.get("settings", {})
+    for key in MODEL_KEYS:
+        if before.get(key) != now.get(key):
+            raise ProvenanceError(f"{folder} starts from a checkpoint trained with {key} {before.get(key)!r}, but "
+                                  f"this run asks for {now.get(key)!r}: a fine-tuning keeps the model it starts from "
+                                  f"(give --{key} {before.get(key)}, or train from scratch in another folder)")
+    if init.get("tokenizer") != fingerprint.get("tokenizer"):
+        raise ProvenanceError(f"{folder} starts from a checkpoint trained with tokenizer {init.get('tokenizer')}, "
+                              f"but this run's tokenizer is {fingerprint.get('tokenizer')}: its output units would "
+                              f"mean other tokens (use the tokenizer it was trained with)")
 
 
 def read_fingerprint(run_dir, name: str = FINGERPRINT_FILE) -> Optional[dict]:

@@ -188,6 +188,47 @@ def test_the_header_example_gets_a_run_of_its_own(quick_run):
     assert "pre-training failed: " in result.stderr and "settings.lr: 0.001 there, 0.01 here" in result.stderr
 
 
+def test_a_kept_pre_training_is_verified_installed_and_fine_tuned(quick_run):
+    """--pretrained KEPT (the full job's default, pretrained/wellfit): stage 3 installs its tokenizer, stage 4 its
+    model, and the methods fine-tune it with its model settings; an altered one, or a fine-tuning asking for another
+    model, is refused in one line."""
+    work, data, exp, _ = quick_run
+    kept = work / "kept"
+    subprocess.run([os.path.join(ROOT, ".venv", "bin", "privasr-pretrained"), "keep", os.path.join(exp, "pretrain"),
+                    "--tokenizer", os.path.join(data, "tokenizer"), "--out", str(kept)], check=True, capture_output=True)
+    exp2 = work / "exp_kept"
+    result = run_quick("--pretrained", str(kept), "--data", data, "--exp", str(exp2), "--methods", "baseline",
+                       "--stage", "3")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "kept pre-training " + str(kept) + ": 1 epochs" in result.stdout
+    assert f"tokenizer already in {data}/tokenizer" in result.stdout  # it is the one the quick run made
+    recorded = json.load(open(os.path.join(exp, "pretrain", "fingerprint.json")))
+    assert json.load(open(exp2 / "pretrain" / "fingerprint.json")) == recorded
+    assert json.load(open(exp2 / "baseline" / "seed1" / "init_fingerprint.json")) == recorded
+    assert "Epoch loaded: 2" in (exp2 / "baseline" / "seed1" / "train_log.txt").read_text()
+    report = (exp2 / "RESULTS.md").read_text()
+    assert "| 1 epochs without canaries (pre-training " in report
+    # altered: refused before any stage, nothing made
+    bad = work / "kept_bad"
+    shutil.copytree(kept, bad)
+    model = next(bad.glob("save/CKPT*/model.ckpt"))
+    weights = bytearray(model.read_bytes())
+    weights[len(weights) // 2] ^= 0xFF  # one byte of one weight
+    model.write_bytes(bytes(weights))
+    result = run_quick("--pretrained", str(bad), "--data", data, "--exp", str(work / "exp_bad"), "--stage", "3")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--pretrained: " in result.stderr and "model.ckpt differs from the kept one" in result.stderr
+    assert not (work / "exp_bad").exists()
+    result = run_quick("--pretrained", str(kept), "--pretrain_epochs", "2", "--data", data, "--exp", str(exp2))
+    assert result.returncode == 2 and "a kept pre-training has its own epochs" in result.stderr
+    # another model than the kept one's: train.py refuses the fine-tuning (its checkpoint would load silently)
+    result = run_quick("--pretrained", str(kept), "--data", data, "--exp", str(work / "exp_other_model"),
+                       "--methods", "baseline", "--stage", "4", "--stop_stage", "4",
+                       "--train_args", "--subsampling_factor=2")
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert "trained with subsampling_factor 4, but this run asks for 2" in result.stdout
+
+
 def test_jobs_must_be_a_whole_number():
     result = run("--jobs", "0")
     assert result.returncode == 2 and "--jobs takes a whole number >= 1, got '0'" in result.stderr

@@ -72,6 +72,7 @@ train_args=""                     # extra overrides for train.py, e.g. "--number
 # that the other drivers refuse them as unknown instead of ignoring them.
 pretrain_epochs=0                 # > 0: stage 4 first trains one canary-free baseline this many epochs ($exp/pretrain), and every method starts from it
 finetune_epochs=1                 # with --pretrain_epochs > 0: the epochs each method then trains with the canaries
+pretrained=""                     # a kept pre-training (privasr-pretrained keep): stages 3-4 install its tokenizer and model instead of making them, and every method fine-tunes it
 known_options="stage stop_stage nj nproc jobs virtual_cores methods seeds clip_bound vocab_size tokenizer_type exp data train_args ${extra_options:-}"
 given_options=""                  # the options on the command line (parse_options)
 seeds_may_be_empty=false          # true: an empty --seeds is allowed (the driver has seeds of its own)
@@ -333,8 +334,10 @@ method_seed_pairs() {
   for seed in $seeds; do for method in $methods; do echo "$method $seed"; done; done
 }
 
-stage_train() {  # (after the shared pre-training, with --pretrain_epochs > 0)
-  [ "$pretrain_epochs" -eq 0 ] || pretrain "$exp/pretrain" "$pretrain_epochs"
+stage_train() {  # (after the shared pre-training, with --pretrain_epochs > 0, or the kept one, with --pretrained)
+  if [ -n "$pretrained" ]; then
+    $python -m privasr.cli.pretrained install "$pretrained" --run "$exp/pretrain" || die "installing the kept pre-training failed"
+  elif [ "$pretrain_epochs" -gt 0 ]; then pretrain "$exp/pretrain" "$pretrain_epochs"; fi
   in_parallel train_one < <(method_seed_pairs) || die "some training runs failed (see the FAILED lines)"
 }
 
@@ -360,14 +363,36 @@ stage_score() {  # privasr.results refuses transcripts it cannot trace to the ru
   log "results: $exp/RESULTS.md"
 }
 
+use_pretrained() {  # with --pretrained: check it before any stage (one line if it is not what it says), take its
+  # epochs as --pretrain_epochs and its model settings as --train_args defaults (a fine-tuning keeps its model)
+  [ -n "$pretrained" ] || return 0
+  ! given pretrain_epochs || die "--pretrained and --pretrain_epochs: a kept pre-training has its own epochs; give one of them"
+  local opt; for opt in tokenizer_type vocab_size; do
+    ! given "$opt" || die "--pretrained and --$opt: the tokenizer and model come from the kept pre-training; give one of them"
+  done
+  local description model_args
+  description=$($python -m privasr.cli.pretrained verify "$pretrained" 2>&1) || die "--pretrained: ${description#*error: }"
+  pretrain_epochs=$($python -m privasr.cli.pretrained epochs "$pretrained")
+  model_args=$($python -m privasr.cli.pretrained model-args "$pretrained")
+  train_args=$(with_defaults "$model_args" "$train_args")
+  log "kept pre-training $description"
+}
+
+stage_tokenizer_or_kept() {  # stage_tokenizer_or_kept DATA: the tokenizer of DATA/train.csv, or the kept pre-training's
+  if [ -z "$pretrained" ]; then stage_tokenizer "$1"
+  else $python -m privasr.cli.pretrained install "$pretrained" --tokenizer "$1/tokenizer" || die "installing the kept tokenizer failed"; fi
+}
+
 run_stages() {  # run_stages CORPUS_ARGS CANARY_ARGS: the method comparison (run.sh of every corpus)
+  use_pretrained
   # shellcheck disable=SC2086  # each a string of words
   run_stage 0 "corpus" corpus_prepare "$data" $1
   run_stage 1 "manifests" corpus_manifests "$data"
   # shellcheck disable=SC2086
   run_stage 2 "canaries" stage_canaries "$data" "$data/canaries" $2
-  run_stage 3 "tokenizer" stage_tokenizer "$data"
+  run_stage 3 "tokenizer${pretrained:+ (from the kept pre-training)}" stage_tokenizer_or_kept "$data"
   local from=""; [ "$pretrain_epochs" -eq 0 ] || from="pre-train $pretrain_epochs epochs without canaries, then "
+  [ -z "$pretrained" ] || from="install the kept pre-training ($pretrain_epochs epochs), then fine-tune: "
   run_stage 4 "${from}train ($methods) x seeds ($seeds)" stage_train
   run_stage 5 "decode test, dev, canaries, holdout" stage_decode
   run_stage 6 "score -> $exp/RESULTS.md" stage_score

@@ -14,6 +14,7 @@ called in-process); ``tools/<module>.py`` is a thin executable over it, and
 ``privasr-accountant``        :mod:`privasr.cli.accountant` -- epsilon, or the sigma meeting a target
 ``privasr-norm-quantiles``    :mod:`privasr.cli.norm_quantiles` -- per-core norms of a trained model
 ``privasr-canary-gradients``  :mod:`privasr.cli.canary_gradients` -- canary vs normal gradient norms
+``privasr-pretrained``        :mod:`privasr.cli.pretrained` -- keep / verify / install a pre-training
 (no console script)           :mod:`privasr.cli.device_equivalence` -- CUDA/NCCL vs the CPU reference
 ============================  =======================================================================
 
