@@ -59,13 +59,13 @@ def test_patterns_fall_back_with_their_reason_and_stay_exact():
                                       ("patterns (toy)", "read.weight", "used by sum")]
     assert all(r.norm_error <= RTOL and r.sum_error <= RTOL for r in rows) and whole["patterns (toy)"] <= RTOL
     table = report.markdown(rows, whole)
-    assert "| Conv1d grouped weight, ghost form | patterns (toy) | 1 (54) |" in table
+    assert "| Conv1d grouped weight, ghost form | 1 (54) | `grouped.weight` |" in table
     assert "- patterns (toy): `scale` (used by mul)" in table
 
 
 def test_the_command_prints_the_table_and_refuses_an_unknown_case(capsys):
     assert report.main(["--cases", "patterns"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("| layer type | in |") and "Falls back to exact vmap" in out
+    assert out.startswith("| layer type | parameters (elements) |") and "Falls back to exact vmap" in out
     assert report.main(["--cases", "nope"]) == 2
     assert "invalid choice: 'nope'" in capsys.readouterr().err
