@@ -633,3 +633,5 @@ def test_input_gradient_in_chunks_holds_less_than_the_whole_batchs_kernel():
     assert chunk_peak < whole_peak, (chunk_peak, whole_peak)
     assert conv_in_chunks(x.detach(), weight, bias, 2, 1, 1, 1, 1) is None  # no input gradient: the plain call
     assert conv_in_chunks(x, weight, bias, 2, 1, 1, 1, 8 * per_example) is None  # one chunk: the plain call
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts in the forward: the plain call
+        assert conv_in_chunks(x, weight, bias, 2, 1, 1, 1, 2 * per_example) is None

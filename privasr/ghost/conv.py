@@ -118,14 +118,15 @@ def conv_in_chunks(x, weight, bias, stride, padding, dilation, groups, chunk_byt
                    params_needed=lambda: True):
     """The convolution's output, its input gradient to be formed in chunks of ``chunk_bytes`` of input
     (:class:`_InputGradInChunks`), or None where that does not apply (no input gradient, one chunk, or
-    padding that is not a symmetric zero padding). ``params_needed()``: whether a backward wants the
+    padding that is not a symmetric zero padding, autocast or mixed dtypes). ``params_needed()``: whether a backward wants the
     weight and bias gradients."""
     dims = x.dim() - 2
     kernel = tuple(weight.shape[2:])
     pads = _pads(padding, kernel, _tuple(dilation, dims))
     per_example = x[0].numel() * x.element_size()
     per_chunk = max(1, chunk_bytes // max(per_example, 1))
-    if not x.requires_grad or per_chunk >= x.shape[0] or any(left != right for left, right in pads):
-        return None
+    if (not x.requires_grad or per_chunk >= x.shape[0] or any(left != right for left, right in pads)
+            or torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype):
+        return None  # (autocast would cast inside the forward, not in what the backward saved)
     return _InputGradInChunks.apply(x, weight, bias, _tuple(stride, dims), tuple(left for left, _ in pads),
                                     _tuple(dilation, dims), int(groups), per_chunk, params_needed)
