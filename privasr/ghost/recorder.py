@@ -51,7 +51,7 @@ A recorded convolution whose input is larger than ``CONV_CHUNK_BYTES`` and needs
 through :func:`privasr.ghost.conv.conv_in_chunks`: the same output, its input gradient formed a few
 examples at a time, since torch's CPU kernel holds two input-sized buffers besides it over the whole
 batch, the backward's peak with every ghost-form record held (the front end's second convolution:
-mini, batch 16, the step's exact tensor peak 131.7 -> 119.0 MiB, ``none`` 104.0; the values bit for bit).
+mini, batch 16, the step's exact tensor peak 131.7 -> 113.7 MiB, ``none`` 104.0; the values bit for bit).
 """
 from __future__ import annotations
 
