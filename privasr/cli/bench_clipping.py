@@ -15,6 +15,7 @@ line ``<prog>: error: row R: worker process N was killed by SIGABRT ...`` and ex
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -112,12 +113,21 @@ def _step_fn(args, model, batch, strategy):
     bound = 1.0 if method in ("pcc", "pec", "global") else None
     clip = PerCoreClipping(model, method, bound, virtual_cores, core_grad_mode=mode)  # the training step's own object
 
-    def step():
-        clip.backward(loss_fn, *tensors)
-        if not clip.reduce().skipped:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
+    return functools.partial(clipping_step, clip, optimizer, loss_fn, tensors)
+
+
+def clipping_step(clip, optimizer, loss_fn, tensors):
+    """One training step with a :class:`privasr.private_step.PerCoreClipping` object ``clip``.
+
+    ``clip.backward(loss_fn, *tensors)`` (the row's clipping of the shard's gradient), then
+    ``clip.reduce()`` (the all-reduce across ranks); the optimizer steps unless the reduce says the
+    step is skipped (no core's gradient finite, ``stats.skipped``), and the gradients are always
+    cleared, as the training loop does. Shared by :func:`_step_fn` and privasr-bench-dp's non-private BEST-RQ row.
+    """
+    clip.backward(loss_fn, *tensors)
+    if not clip.reduce().skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _worker(rank, world_size, port, args, strategy, out_path):

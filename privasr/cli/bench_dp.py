@@ -27,6 +27,7 @@ recipe's non-private step on the same batch.
 """
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 
@@ -99,20 +100,10 @@ def _bestrq_step_fn(args, model, batch, strategy):
         return model.loss(*t, reduction="per_example")
 
     if strategy == "none":
-        return _train_step(PerCoreClipping(model, "none"), list(model.parameters()), loss_fn, tensors)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
+        return functools.partial(bench_clipping.clipping_step, PerCoreClipping(model, "none"), optimizer, loss_fn,
+                                 tensors)
     return _dp_step(args, model, strategy, loss_fn, example_losses, tensors, model.layer_regex or LAYER_REGEX)
-
-
-def _train_step(clip, params, loss_fn, tensors):
-    """bench_clipping's step for a PerCoreClipping object: backward, reduce, SGD."""
-    optimizer = torch.optim.SGD(params, lr=1e-5)
-
-    def step():
-        clip.backward(loss_fn, *tensors)
-        if not clip.reduce().skipped:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
 
 
 def dp_step_fn(args, model, batch, strategy):
