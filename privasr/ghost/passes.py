@@ -30,8 +30,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from privasr.clipping import core_norms
-from privasr.ghost.pieces import _PIECES, _keep_rows
+from privasr.ghost.pieces import _PIECES, _keep_rows, sq_norms_of
 from privasr.ghost.recorder import _Recorder
 from privasr.per_sample import shard_grads_vmap, trainable_parameters
 
@@ -174,7 +173,7 @@ def ghost_pass(model: torch.nn.Module, loss_fn: LossFn, tensors: Sequence[torch.
     sq_norms = dict(recorder.sq_norms)
     fallback_grads = _fallback_grads(model, loss_fn, tensors, num_units, fallback) if fallback else {}
     for name, g in fallback_grads.items():
-        sq_norms[name] = core_norms([g]).pow(2)
+        sq_norms[name] = sq_norms_of(g)
     if not keep_pieces:
         fallback_grads = {}
     order = [n for n, _ in named]

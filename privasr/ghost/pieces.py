@@ -48,7 +48,6 @@ from typing import Optional
 
 import torch
 
-from privasr.clipping import core_norms
 from privasr.ghost.conv import _im2col
 
 
@@ -90,7 +89,7 @@ class _Seq:
     def sq_norms(self) -> torch.Tensor:
         """``[K]`` squared norms: ghost form when :attr:`ghost`, else materialized."""
         if not self.ghost:
-            return core_norms([self.materialize()]).pow(2)
+            return sq_norms_of(self.materialize())
         a = self.a[:1] if self.a.stride(0) == 0 else self.a  # an input shared by every unit: its Gram once
         gram_a = a @ a.transpose(-1, -2)  # [K, G, L, L] (or [1, G, L, L], broadcast below)
         gram_g = self.g @ self.g.transpose(-1, -2)
@@ -195,7 +194,7 @@ class _Conv:
 
     def sq_norms(self) -> torch.Tensor:
         if not self.ghost:
-            return core_norms([self.materialize()]).pow(2)
+            return sq_norms_of(self.materialize())
         n, channels_out = self.g.shape[:2]
         kernel = self.weight_shape[2:]
         cols = _im2col(self.x, kernel, self.stride, self.dilation, self.padding)  # [N, C_in*prod(k), L]
@@ -248,7 +247,7 @@ class _Embed:
 
     def sq_norms(self) -> torch.Tensor:
         if not self.ghost:
-            return core_norms([self.materialize()]).pow(2)
+            return sq_norms_of(self.materialize())
         same = (self.idx.unsqueeze(2) == self.idx.unsqueeze(1)).to(self.g.dtype)  # [K, L, L]
         return (same * (self.g @ self.g.transpose(1, 2))).sum((1, 2))
 
@@ -267,6 +266,19 @@ class _Embed:
 
 
 _PIECES = (_Seq, _Conv, _Embed)
+
+
+def sq_norms_of(grads: torch.Tensor) -> torch.Tensor:
+    """``[K]`` float64 squared norms of per-unit gradients ``[K, ...]``, in :func:`~privasr.clipping.core_norms`' precision.
+
+    One parameter's term of ``core_norms`` (the norm in the gradient's own precision, float32 at
+    least, squared in float64) without its ``stack``, ``sum``, ``sqrt`` and the square taken back
+    after them: 3 tensor ops a parameter instead of 7 (mini Conformer, batch 16: ~100 parameters a
+    step); equal to ``core_norms([grads]) ** 2`` up to float64 rounding.
+    """
+    grads = grads.detach().reshape(grads.shape[0], -1)
+    wide = None if grads.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.linalg.vector_norm(grads, dim=1, dtype=wide).to(torch.float64).pow(2)
 
 #: Input plus output-gradient bytes of the units in one call of :meth:`_Conv.materialize`.
 CONV_CHUNK_BYTES = 4 * 2 ** 20

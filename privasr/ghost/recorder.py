@@ -64,10 +64,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from privasr.clipping import core_norms
 import privasr.ghost.pieces as ghost_pieces
 from privasr.ghost.conv import _bind, _pads, _tuple, bind_conv, conv_in_chunks, is_pointwise
-from privasr.ghost.pieces import _PIECES, _Conv, _Embed, _in_units, _merge, _Seq
+from privasr.ghost.pieces import _PIECES, _Conv, _Embed, _in_units, _merge, _Seq, sq_norms_of
 from privasr.ghost.tap import _Site, _Tap
 
 _LINEAR = {F.linear}
@@ -102,6 +101,21 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 def _root(t: torch.Tensor) -> torch.Tensor:
     """The tensor whose storage (and version counter) ``t`` views."""
     return t if t._base is None else t._base
+
+
+def _leaves(x) -> tuple:
+    """The leaves of ``x`` as ``tree_flatten`` gives them; a flat tuple or list (``torch.Size``, a
+    ``chunk``'s tensors, the positional arguments of most calls) and a lone object without it.
+
+    ``tree_flatten`` costs ~30 us a call in Python, and ``_other_use`` meets ~115 such values a
+    mini Conformer step (dropout's keyword arguments, sizes, chunks).
+    """
+    if isinstance(x, (tuple, list)):
+        if not any(isinstance(t, (tuple, list, dict)) for t in x):
+            return x
+    elif not isinstance(x, dict):
+        return (x,)
+    return tree_flatten(x)[0]
 
 
 _IN_PLACE: dict = {}  # func -> whether its name says it writes its first argument (looked up once per func)
@@ -236,10 +250,9 @@ class _Recorder(TorchFunctionMode):
         if isinstance(out, torch.Tensor):
             if not out.requires_grad:
                 return
-        elif not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(out)[0]):
+        elif not any(isinstance(t, torch.Tensor) and t.requires_grad for t in _leaves(out)):
             return  # .size(), torch.equal, ... read a parameter without differentiating through it
-        flat = args if not kwargs and not any(isinstance(a, (list, tuple, dict)) for a in args) \
-            else tree_flatten((args, kwargs))[0]
+        flat = _leaves(args) if not kwargs else (*_leaves(args), *_leaves(tuple(kwargs.values())))
         for t in flat:
             if not (id(t) in self.names or id(t) in self.aliases or id(t) in self.shared):
                 continue
@@ -527,7 +540,7 @@ class _Recorder(TorchFunctionMode):
         parts = _merge(raw)
         sq = None
         for p in parts:  # (not sum(): its 0 start is one more tensor op per parameter)
-            part = p.sq_norms() if isinstance(p, _PIECES) else core_norms([p]).pow(2)
+            part = p.sq_norms() if isinstance(p, _PIECES) else sq_norms_of(p)
             sq = part if sq is None else sq + part
         self.sq_norms[name] = sq.to(torch.float64)
         if any(isinstance(p, _PIECES) for p in raw):  # a Linear's / convolution's weight: which form
