@@ -163,12 +163,15 @@ def core_norms(stacked_grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
     present = [g for g in stacked_grads if g is not None]
     if not present:
         return torch.zeros(0, dtype=torch.float64)
-    per_parameter = []
-    for g in present:
-        g = g.detach().reshape(g.shape[0], -1)
-        wide = None if g.dtype in (torch.float32, torch.float64) else torch.float32
-        per_parameter.append(torch.linalg.vector_norm(g, dim=1, dtype=wide).to(torch.float64))
-    return torch.stack(per_parameter).pow(2).sum(0).sqrt()
+    return torch.stack([parameter_norms(g) for g in present]).pow(2).sum(0).sqrt()
+
+
+def parameter_norms(stacked_grad: torch.Tensor) -> torch.Tensor:
+    """One parameter's term of :func:`core_norms`: the ``K`` norms of ``[K, *param.shape]``, float64 ``[K]``,
+    taken in the gradient's own precision (float32 at least)."""
+    g = stacked_grad.detach().reshape(stacked_grad.shape[0], -1)
+    wide = None if g.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.linalg.vector_norm(g, dim=1, dtype=wide).to(torch.float64)
 
 
 def core_norm(grads: GradList) -> torch.Tensor:

@@ -48,6 +48,7 @@ from typing import Optional
 
 import torch
 
+from privasr.clipping import parameter_norms
 from privasr.ghost.conv import _im2col
 
 
@@ -271,14 +272,11 @@ _PIECES = (_Seq, _Conv, _Embed)
 def sq_norms_of(grads: torch.Tensor) -> torch.Tensor:
     """``[K]`` float64 squared norms of per-unit gradients ``[K, ...]``, in :func:`~privasr.clipping.core_norms`' precision.
 
-    One parameter's term of ``core_norms`` (the norm in the gradient's own precision, float32 at
-    least, squared in float64) without its ``stack``, ``sum``, ``sqrt`` and the square taken back
-    after them: 3 tensor ops a parameter instead of 7 (mini Conformer, batch 16: ~100 parameters a
+    :func:`~privasr.clipping.parameter_norms` squared: one parameter's term of ``core_norms``
+    without its ``stack``, ``sum``, ``sqrt`` and the square taken back after them: 3 tensor ops a parameter instead of 7 (mini Conformer, batch 16: ~100 parameters a
     step); equal to ``core_norms([grads]) ** 2`` up to float64 rounding.
     """
-    grads = grads.detach().reshape(grads.shape[0], -1)
-    wide = None if grads.dtype in (torch.float32, torch.float64) else torch.float32
-    return torch.linalg.vector_norm(grads, dim=1, dtype=wide).to(torch.float64).pow(2)
+    return parameter_norms(grads).pow(2)
 
 #: Input plus output-gradient bytes of the units in one call of :meth:`_Conv.materialize`.
 CONV_CHUNK_BYTES = 4 * 2 ** 20
