@@ -26,7 +26,7 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "pytest-xdist"]},
     entry_points={
         "console_scripts": [
             "privasr-bench=privasr.cli.bench_clipping:main",

@@ -1,12 +1,19 @@
 """Shared fixtures of the data / canary / exposure tests (a tiny synthesized corpus)."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist (the README's `-n 2`: one worker per core of a 2-core machine) torch in a worker, and every
+# process its tests start, use one thread: two workers of 2 threads each would fight over both cores. (Set before
+# any test module imports torch, which reads it once.)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HAVE_TTS = all(shutil.which(p) for p in ("espeak-ng", "flite", "sox"))

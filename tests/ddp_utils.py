@@ -1,6 +1,7 @@
 """Helpers to run real multi-process (gloo, CPU) code from the tests."""
 import os
 import socket
+import tempfile
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -21,13 +22,15 @@ def free_port(held=None) -> int:
     return port
 
 
-def _entry(rank, world_size, port, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def _entry(rank, world_size, store_file, fn, args):
+    # A file rendezvous (no port to choose): two test runs side by side (pytest -n 2) cannot take each other's port
+    # between one picking it and its rank 0 binding it, as free_port() + MASTER_PORT could.
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size)
     with ordered_shutdown():  # barrier, then destroy; no barrier when fn raised
         fn(rank, world_size, *args)
 
 
 def run_processes(fn, world_size, *args):
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; raises if any fails."""
-    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_entry, args=(world_size, os.path.join(tmp, "rendezvous"), fn, args), nprocs=world_size, join=True)
