@@ -83,9 +83,12 @@ def test_checkpoints_without_a_fingerprint_cannot_be_proved(hparams, tmp_path):
     with pytest.raises(pv.ProvenanceError, match="no fingerprint.json .* cannot be proved"):
         pv.claim_run_folder(hparams)
     # a fine-tuning started from a copied checkpoint says which run it came from: accepted, and recorded
-    (save.parent / pv.INIT_FINGERPRINT_FILE).write_text(json.dumps({"settings": {"seed": 9}}))
+    # (the run it came from: the same model and tokenizer, another seed)
+    init = pv.training_fingerprint(hparams)
+    init["settings"]["seed"] = 9
+    (save.parent / pv.INIT_FINGERPRINT_FILE).write_text(json.dumps(init))
     fingerprint = pv.claim_run_folder(hparams)
-    assert fingerprint["init"] == pv.digest_of({"settings": {"seed": 9}})
+    assert fingerprint["init"] == pv.digest_of(init)
 
 
 def test_decoding_needs_a_trained_model(hparams):
