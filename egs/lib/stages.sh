@@ -37,7 +37,10 @@
 #   stage_canaries CORPUS OUT ARGS...  canaries and holdout in OUT, inserted into CORPUS/train.csv
 #   stage_tokenizer DATA               the tokenizer of DATA/train.csv in DATA/tokenizer
 #   stage_train, stage_decode, stage_score   train / decode / score each of --methods x --seeds (stage_train first
-#                                      pre-trains $exp/pretrain with --pretrain_epochs > 0)
+#                                      pre-trains $exp/pretrain with --pretrain_epochs > 0, or installs the kept
+#                                      pre-training of --pretrained)
+#   use_pretrained                     with --pretrained: verify it (one line if altered) and take its epochs and
+#                                      model settings; stage_tokenizer_or_kept DATA: stage 3 for either case
 #   pretrain DIR EPOCHS ARGS...        a canary-free baseline in DIR (the shared start of fine-tunings)
 #   start_from PRETRAINED DIR          DIR's training starts from PRETRAINED's checkpoint and carries its fingerprint
 #   run_name METHOD, run_dir METHOD SEED     a run's name and folder (the name encodes the settings given)
