@@ -23,27 +23,17 @@ claim_run_folder`), which also refuses a fine-tuning whose model settings differ
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
 from privasr.errors import UserError
-from privasr.provenance import (FINGERPRINT_FILE, MODEL_KEYS, ProvenanceError, dir_digest, read_fingerprint,
-                                select_checkpoint)
+from privasr.provenance import (FINGERPRINT_FILE, MODEL_KEYS, ProvenanceError, digest_of, dir_digest, file_sha256,
+                                read_fingerprint, select_checkpoint)
 
 SUMS_FILE = "SHA256SUMS"
 TRAINED_MARKER = ".trained"  # the stage library's "this run is finished" (egs/lib/stages.sh)
-
-
-def sha256(path: Path) -> str:
-    """The full SHA-256 of a file (hex), as ``sha256sum`` prints it."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def _files(folder: Path) -> list[str]:
@@ -54,7 +44,7 @@ def _files(folder: Path) -> list[str]:
 def write_sums(folder) -> None:
     """``folder/SHA256SUMS``: one ``<sha256>  <path>`` line per file (``sha256sum`` format)."""
     folder = Path(folder)
-    lines = [f"{sha256(folder / name)}  {name}\n" for name in _files(folder)]
+    lines = [f"{file_sha256(folder / name)}  {name}\n" for name in _files(folder)]
     (folder / SUMS_FILE).write_text("".join(lines), encoding="utf-8")
 
 
@@ -96,7 +86,7 @@ def verify(folder) -> dict:
     for name, digest in sums.items():
         if not (folder / name).is_file():
             raise ProvenanceError(f"{folder}: {name} is listed in {SUMS_FILE} but missing")
-        if sha256(folder / name) != digest:
+        if file_sha256(folder / name) != digest:
             raise ProvenanceError(f"{folder}: {name} differs from the kept one (SHA-256 mismatch): restore it "
                                   f"(git checkout) or keep a new pre-training")
     extra = [name for name in present if name not in sums]
@@ -162,11 +152,7 @@ def keep(run_dir, tokenizer_dir, dest, notes: Optional[str] = None) -> dict:
     _check_final(Path(checkpoint.path), fingerprint, run_dir)
     if dest.exists():
         raise UserError(f"{dest} exists: keep a pre-training in a new folder")
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "save").mkdir(parents=True)
-    shutil.copy2(run_dir / FINGERPRINT_FILE, tmp / FINGERPRINT_FILE)
-    shutil.copytree(checkpoint.path, tmp / "save" / Path(checkpoint.path).name)
+    tmp = _run_copy(run_dir, Path(checkpoint.path), dest)
     shutil.copytree(tokenizer_dir, tmp / "tokenizer")
     if notes:
         (tmp / "README.md").write_text(notes, encoding="utf-8")
@@ -205,15 +191,21 @@ def install_run(folder, dest) -> bool:
             return False
         raise ProvenanceError(f"{dest} holds another run than the kept pre-training {folder}: move it aside, "
                               f"or use another --exp")
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "save").mkdir(parents=True)
-    shutil.copy2(folder / FINGERPRINT_FILE, tmp / FINGERPRINT_FILE)
-    ckpt = checkpoint_dir(folder)
-    shutil.copytree(ckpt, tmp / "save" / ckpt.name)
+    tmp = _run_copy(folder, checkpoint_dir(folder), dest)
     (tmp / TRAINED_MARKER).touch()
     os.replace(tmp, dest)
     return True
+
+
+def _run_copy(run: Path, ckpt: Path, dest: Path) -> Path:
+    """``dest.partial``, made afresh: ``run``'s fingerprint and the one checkpoint ``ckpt`` under ``save/``
+    (the caller adds to it, then moves it to ``dest`` in one rename)."""
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "save").mkdir(parents=True)
+    shutil.copy2(run / FINGERPRINT_FILE, tmp / FINGERPRINT_FILE)
+    shutil.copytree(ckpt, tmp / "save" / ckpt.name)
+    return tmp
 
 
 def _copy_atomically(src: Path, dest: Path) -> None:
@@ -226,8 +218,6 @@ def _copy_atomically(src: Path, dest: Path) -> None:
 
 def describe(folder) -> str:
     """One line: what the kept pre-training is (its settings that matter, epochs, record digest)."""
-    from privasr.provenance import digest_of
-
     fingerprint = verify(folder)
     settings = fingerprint["settings"]
     model = ", ".join(f"{key} {settings[key]}" for key in MODEL_KEYS if key in settings)

@@ -64,15 +64,20 @@ class ProvenanceError(UserError):
 
 
 # -- digests --------------------------------------------------------------------------------
-def file_digest(path) -> Optional[str]:
-    """SHA-256 of a file's bytes (16 hex digits), ``None`` if there is no such file."""
-    if not path or not os.path.isfile(path):
-        return None
+def file_sha256(path) -> str:
+    """The full SHA-256 of a file's bytes (64 hex digits, as ``sha256sum`` prints it), read in 1 MiB blocks."""
     sha = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             sha.update(block)
-    return sha.hexdigest()[:16]
+    return sha.hexdigest()
+
+
+def file_digest(path) -> Optional[str]:
+    """SHA-256 of a file's bytes (16 hex digits), ``None`` if there is no such file."""
+    if not path or not os.path.isfile(path):
+        return None
+    return file_sha256(path)[:16]
 
 
 def dir_digest(path) -> Optional[str]:

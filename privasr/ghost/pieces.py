@@ -272,9 +272,9 @@ _PIECES = (_Seq, _Conv, _Embed)
 def sq_norms_of(grads: torch.Tensor) -> torch.Tensor:
     """``[K]`` float64 squared norms of per-unit gradients ``[K, ...]``, in :func:`~privasr.clipping.core_norms`' precision.
 
-    :func:`~privasr.clipping.parameter_norms` squared: one parameter's term of ``core_norms``
-    without its ``stack``, ``sum``, ``sqrt`` and the square taken back after them: 3 tensor ops a parameter instead of 7 (mini Conformer, batch 16: ~100 parameters a
-    step); equal to ``core_norms([grads]) ** 2`` up to float64 rounding.
+    :func:`~privasr.clipping.parameter_norms` squared: one parameter's term of ``core_norms`` without
+    its ``stack``, ``sum``, ``sqrt`` and the square taken back after them (mini Conformer, batch 16:
+    ~100 parameters a step); equal to ``core_norms([grads]) ** 2`` up to float64 rounding.
     """
     return parameter_norms(grads).pow(2)
 
